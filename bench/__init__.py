@@ -1,0 +1,1 @@
+"""Benchmarks: scripts printing JSON and a table (see README)."""

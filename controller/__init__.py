@@ -1,0 +1,1 @@
+"""Kubernetes side: turns API objects (from YAML or watches) into policy inputs."""

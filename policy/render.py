@@ -1,0 +1,234 @@
+"""Restore text for a `Ruleset`: `iptables-restore --noflush` and `ipset restore`.
+
+Pure functions; `felix_lite.dataplane` decides *what* to write (by diffing
+the kernel against the ruleset) and calls these for *how*. Every rule in our
+own chains carries `-m comment --comment "fl:<hash>"`, the hash covering the
+chain, the rule's position and its text, so the applier can tell from
+`iptables-save` which chains differ without comparing iptables' normalised
+rule text with ours.
+
+ipset scheme (correct whether or not the set exists, and after a crash that
+left a temporary set behind):
+
+    create NAME <type> family inet hashsize 1024 maxelem 1048576 -exist
+    create TMP  <type> family inet hashsize 1024 maxelem 1048576 -exist
+    flush TMP
+    add TMP <member>            (`add TMP <cidr> nomatch` for excepts)
+    swap TMP NAME
+    destroy TMP
+
+The set referenced by iptables never changes identity and is never empty in
+between: the swap is atomic. TMP is NAME + `-t` (at most 31 characters,
+starting `fl-`), so a leftover temporary set is recognised as ours and swept.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Final
+
+from policy.names import (
+    HOOK_COMMENT,
+    RULE_COMMENT_PREFIX,
+    SET_PREFIX,
+    ChainName,
+    SetName,
+)
+from policy.ruleset import Chain, HookRule, IpSetSpec, Ruleset, SetType
+
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_CANONICAL_IP: Final = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+
+RULE_HASH_LEN: Final = 16
+IPSET_MAX_NAME: Final = 31
+TEMP_SET_SUFFIX: Final = "-t"
+IPSET_CREATE_OPTIONS: Final = "family inet hashsize 1024 maxelem 1048576"
+
+
+def rule_hash(chain: ChainName, index: int, rule: str) -> str:
+    """Stable id of a rule at a position of a chain (16 hex)."""
+    digest = hashlib.sha256(f"{chain}\x00{index}\x00{rule}".encode()).hexdigest()
+    return digest[:RULE_HASH_LEN]
+
+
+def rule_hashes(chain: Chain) -> tuple[str, ...]:
+    return tuple(rule_hash(chain.name, i, r) for i, r in enumerate(chain.rules))
+
+
+def chain_rule_lines(chain: Chain) -> list[str]:
+    return [
+        f'-A {chain.name} {rule} -m comment --comment "{RULE_COMMENT_PREFIX}{h}"'
+        for rule, h in zip(chain.rules, rule_hashes(chain), strict=True)
+    ]
+
+
+def hook_rule_spec(hook: HookRule) -> str:
+    """The hook's rule with our comment first, as it appears after `-A CHAIN`."""
+    return f'-m comment --comment "{HOOK_COMMENT}" {hook.rule}'
+
+
+def render_iptables_restore(
+    ruleset: Ruleset,
+    *,
+    chains: Iterable[ChainName] | None = None,
+    remove: Iterable[ChainName] = (),
+    hook_inserts: Iterable[HookRule] = (),
+    hook_deletes: Iterable[tuple[str, str]] = (),
+) -> str:
+    """One `*filter` transaction for `iptables-restore --noflush`.
+
+    `chains` (default: all of the ruleset's) are declared, which flushes them,
+    and refilled; `remove` chains are declared (flushed) and deleted last, so
+    references from other removed chains are gone by then. `hook_deletes` are
+    `(chain, rule spec as iptables-save prints it)` pairs of our hook rules to
+    delete; `hook_inserts` go to the top of their kernel chain in the given
+    order.
+    """
+    write = sorted(set(ruleset.chains if chains is None else chains))
+    gone = sorted(set(remove) - set(write))
+    inserts = list(hook_inserts)
+    for h in inserts:
+        if h.table != "filter":
+            raise ValueError(f"hook {h.chain} {h.rule!r}: table: only 'filter' is supported")
+    lines = ["*filter"]
+    lines += [f":{name} - [0:0]" for name in [*write, *gone]]
+    lines += [f"-D {chain} {spec}" for chain, spec in hook_deletes]
+    for name in write:
+        try:
+            lines += chain_rule_lines(ruleset.chains[name])
+        except KeyError:
+            raise ValueError(f"chain {name}: not in the ruleset") from None
+    position: dict[str, int] = {}
+    for h in inserts:
+        position[h.chain] = position.get(h.chain, 0) + 1
+        lines.append(f"-I {h.chain} {position[h.chain]} {hook_rule_spec(h)}")
+    lines += [f"-X {name}" for name in gone]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def temp_set_name(name: SetName) -> SetName:
+    tmp = SetName(f"{name}{TEMP_SET_SUFFIX}")
+    if len(tmp) > IPSET_MAX_NAME or not tmp.startswith(SET_PREFIX):
+        raise ValueError(f"ipset {name}: name: temporary name {tmp} is not a valid fl- name")
+    return tmp
+
+
+def normalize_member(set_type: SetType, member: str) -> str:
+    """The member as `ipset save` prints it, so sets can be compared and
+    duplicates that the kernel would reject (`10.0.0.5/8` vs `10.0.0.0/8`) merged."""
+    text = member.strip()
+    if set_type is SetType.HASH_IP and _CANONICAL_IP.fullmatch(text):
+        return text  # fast path: most members are plain pod IPs
+    try:
+        if set_type is SetType.HASH_NET:
+            net = ipaddress.IPv4Network(text, strict=False)
+            return str(net.network_address) if net.prefixlen == 32 else str(net)
+        if set_type is SetType.HASH_IP:
+            return str(ipaddress.IPv4Address(text.removesuffix("/32")))
+        ip, _, port = text.partition(",")
+        if port and ":" not in port:
+            port = f"tcp:{port}"
+        return f"{ipaddress.IPv4Address(ip)},{port.lower()}"
+    except ValueError:
+        return text
+
+
+@dataclass(frozen=True)
+class SetContent:
+    """Normalised content of a set, comparable with what `ipset save` shows."""
+
+    type: SetType
+    members: frozenset[str]
+    nomatch: frozenset[str]
+
+
+@functools.lru_cache(maxsize=16384)
+def set_content(spec: IpSetSpec) -> SetContent:
+    nomatch = frozenset(normalize_member(spec.type, m) for m in spec.nomatch)
+    members = frozenset(normalize_member(spec.type, m) for m in spec.members) - nomatch
+    return SetContent(type=spec.type, members=members, nomatch=nomatch)
+
+
+def _create(name: str, set_type: SetType) -> str:
+    return f"create {name} {set_type.value} {IPSET_CREATE_OPTIONS} -exist"
+
+
+def render_ipset_restore(ruleset: Ruleset, *, sets: Iterable[SetName] | None = None) -> str:
+    """`ipset restore` input that makes each of `sets` (default: all) hold
+    exactly its members, whether it exists or not (see module docstring)."""
+    names = sorted(set(ruleset.sets if sets is None else sets))
+    lines: list[str] = []
+    for name in names:
+        try:
+            spec = ruleset.sets[name]
+        except KeyError:
+            raise ValueError(f"ipset {name}: not in the ruleset") from None
+        content = set_content(spec)
+        tmp = temp_set_name(name)
+        lines.append(_create(name, spec.type))
+        lines.append(_create(tmp, spec.type))
+        lines.append(f"flush {tmp}")
+        lines += [f"add {tmp} {m}" for m in sorted(content.members)]
+        lines += [f"add {tmp} {m} nomatch" for m in sorted(content.nomatch)]
+        lines.append(f"swap {tmp} {name}")
+        lines.append(f"destroy {tmp}")
+    return "".join(line + "\n" for line in lines)
+
+
+def render_ipset_destroy(names: Iterable[str]) -> str:
+    return "".join(f"destroy {n}\n" for n in sorted(set(names)))
+
+
+def is_protocol_rule(rule: str, protocol: str) -> bool:
+    tokens = rule.split()
+    return any(
+        t in ("-p", "--protocol") and i + 1 < len(tokens) and tokens[i + 1].lower() == protocol
+        for i, t in enumerate(tokens)
+    )
+
+
+def drop_protocol_rules(
+    ruleset: Ruleset, protocol: str
+) -> tuple[Ruleset, Sequence[tuple[ChainName, str]]]:
+    """The ruleset without rules matching `-p <protocol>`, and what was dropped.
+
+    Used when the kernel cannot load a protocol's match: policy rules only
+    allow, so dropping one fails closed for that protocol instead of making the
+    whole transaction fail.
+    """
+    dropped: list[tuple[ChainName, str]] = []
+    chains: dict[ChainName, Chain] = {}
+    for name, chain in ruleset.chains.items():
+        keep = tuple(r for r in chain.rules if not is_protocol_rule(r, protocol))
+        dropped += [(name, r) for r in chain.rules if is_protocol_rule(r, protocol)]
+        chains[name] = chain if len(keep) == len(chain.rules) else replace(chain, rules=keep)
+    return replace(ruleset, chains=chains), dropped
+
+
+def render_human(ruleset: Ruleset) -> str:
+    """Readable dump for `felix-lite policy render`."""
+    out: list[str] = []
+    out.append(f"# {len(ruleset.sets)} ipsets, {len(ruleset.chains)} chains")
+    for h in ruleset.hooks:
+        out.append(f"hook {h.table}/{h.chain}: {h.rule}")
+    for set_name in sorted(ruleset.sets):
+        spec = ruleset.sets[set_name]
+        content = set_content(spec)
+        desc = f"  # {spec.description}" if spec.description else ""
+        out.append("")
+        out.append(f"ipset {set_name} {spec.type.value} ({len(content.members)} members){desc}")
+        out += [f"    {m}" for m in sorted(content.members)]
+        out += [f"    {m} nomatch" for m in sorted(content.nomatch)]
+    for name in sorted(ruleset.chains):
+        chain = ruleset.chains[name]
+        desc = f"  # {chain.description}" if chain.description else ""
+        out.append("")
+        out.append(f"chain {name} ({len(chain.rules)} rules){desc}")
+        out += [f"  {i:>3}  {r}" for i, r in enumerate(chain.rules, start=1)]
+    return "\n".join(out) + "\n"
