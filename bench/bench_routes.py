@@ -48,26 +48,26 @@ def bench_felix(ns: str, pfx: list[str], repeat: int) -> dict[str, list[float]]:
     res: dict[str, list[float]] = {
         k: [] for k in ("install", "replace", "reconcile_noop", "dump", "withdraw")
     }
-    want1 = dict.fromkeys(pfx, GW1)
-    want2 = dict.fromkeys(pfx, GW2)
     with NetlinkRoutes(ns) as nl:
         for _ in range(repeat):
-            lr = LearnedRoutes(nl)
-            lr.reconcile()
-            res["install"].append(timed(lambda lr=lr: _check(lr.set_desired(want1), "added", pfx)))
-            assert count_ours(nl) == len(pfx)
-            res["replace"].append(
-                timed(lambda lr=lr: _check(lr.set_desired(want2), "replaced", pfx))
-            )
-            res["dump"].append(timed(lambda: nl.dump_routes(table=254, proto=PROTO_BGP)))
-            fresh = LearnedRoutes(nl)  # a restarted agent: first a full dump, then nothing
-            fresh.update(want2)
-            res["reconcile_noop"].append(
-                timed(lambda f=fresh: _check(f.reconcile(), "changed", []))
-            )
-            res["withdraw"].append(timed(lambda lr=lr: _check(lr.set_desired({}), "removed", pfx)))
-            assert count_ours(nl) == 0
+            _felix_round(nl, pfx, res)
     return res
+
+
+def _felix_round(nl: NetlinkRoutes, pfx: list[str], res: dict[str, list[float]]) -> None:
+    want1 = dict.fromkeys(pfx, GW1)
+    want2 = dict.fromkeys(pfx, GW2)
+    lr = LearnedRoutes(nl)
+    lr.reconcile()
+    res["install"].append(timed(lambda: _check(lr.set_desired(want1), "added", pfx)))
+    assert count_ours(nl) == len(pfx)
+    res["replace"].append(timed(lambda: _check(lr.set_desired(want2), "replaced", pfx)))
+    res["dump"].append(timed(lambda: nl.dump_routes(table=254, proto=PROTO_BGP)))
+    fresh = LearnedRoutes(nl)  # a restarted agent: first a full dump, then nothing to do
+    fresh.update(want2)
+    res["reconcile_noop"].append(timed(lambda: _check(fresh.reconcile(), "changed", [])))
+    res["withdraw"].append(timed(lambda: _check(lr.set_desired({}), "removed", pfx)))
+    assert count_ours(nl) == 0
 
 
 def _check(result: Any, what: str, expect: list[str]) -> None:
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in reversed(made):
             subprocess.run(["ip", "netns", "del", n], check=False)
 
-    summary = {
+    summary: dict[str, Any] = {
         "count": args.count,
         "repeat": args.repeat,
         "kernel": os.uname().release,
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     ops = ["install", "replace", "withdraw", "reconcile_noop", "dump"]
     print(f"{'implementation':<22}" + "".join(f"{o:>16}" for o in ops), file=sys.stderr)
-    for impl, data in summary["results"].items():  # type: ignore[attr-defined]
+    for impl, data in summary["results"].items():
         cells = "".join(
             f"{data[o]['median_s']:>15.3f}s" if o in data else f"{'-':>16}" for o in ops
         )

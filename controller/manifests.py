@@ -44,7 +44,9 @@ def _documents(path: Path) -> Iterator[dict[str, Any]]:
         if doc is None:
             continue
         if not isinstance(doc, dict):
-            raise ManifestError(f"{path}: document {i}: expected a mapping, got {type(doc).__name__}")
+            raise ManifestError(
+                f"{path}: document {i}: expected a mapping, got {type(doc).__name__}"
+            )
         if doc.get("kind") == "List" or (
             isinstance(doc.get("kind"), str) and doc["kind"].endswith("List") and "items" in doc
         ):

@@ -28,14 +28,21 @@ def _setup_logging(level: str) -> None:
 
 def _add_files(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "-f", "--filename", dest="files", action="append", required=True,
-        metavar="FILE|DIR", help="YAML file or directory of Namespaces, Pods, NetworkPolicies",
+        "-f",
+        "--filename",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="FILE|DIR",
+        help="YAML file or directory of Namespaces, Pods, NetworkPolicies",
     )
 
 
 def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--backend", choices=("auto", "legacy", "nft"), default="auto",
+        "--backend",
+        choices=("auto", "legacy", "nft"),
+        default="auto",
         help="iptables backend (default: detect as kube-proxy does)",
     )
 
@@ -55,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", required=True)
     _add_files(p)
     p.add_argument(
-        "--format", choices=("human", "restore", "json"), default="human",
+        "--format",
+        choices=("human", "restore", "json"),
+        default="human",
         help="human summary, the ipset/iptables-restore payload, or JSON",
     )
 
@@ -64,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_files(p)
     _add_backend(p)
     p.add_argument(
-        "--state-dir", default=None,
+        "--state-dir",
+        default=None,
         help="where the last good objects are kept (default /run/felix-lite/netns-<inode>)",
     )
 
@@ -72,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="src", required=True, metavar="NS/POD|IP")
     p.add_argument("--to", dest="dst", required=True, metavar="NS/POD|IP")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--protocol", default="tcp", choices=("tcp", "udp", "sctp", "TCP", "UDP", "SCTP"))
+    p.add_argument(
+        "--protocol", default="tcp", choices=("tcp", "udp", "sctp", "TCP", "UDP", "SCTP")
+    )
     p.add_argument("--json", action="store_true")
     _add_files(p)
 

@@ -130,7 +130,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     _report(errors)
     ruleset = compile_ruleset(state, args.node)
     result = Dataplane(backend=BackendMode(args.backend)).apply(ruleset)
-    local = sum(1 for p in state.pods.values() if p.node == args.node and p.ip and not p.host_network)
+    local = sum(
+        1 for p in state.pods.values() if p.node == args.node and p.ip and not p.host_network
+    )
     print(
         f"applied node={args.node} backend={result.backend} pods={local} "
         f"policies={len(state.policies)} chains={len(ruleset.chains)} sets={len(ruleset.sets)} "
@@ -150,6 +152,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     dst = endpoint_for(state, args.dst)
     verdict = evaluate(state, src, dst, port=args.port, protocol=Protocol(args.protocol.upper()))
     if args.json:
+
         def side(d: Any) -> dict[str, Any]:
             return {
                 "allowed": d.allowed,
@@ -163,11 +166,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
         json.dump(
             {
-                "from": args.src, "to": args.dst, "port": args.port,
-                "protocol": args.protocol.upper(), "allowed": verdict.allowed,
-                "egress": side(verdict.egress), "ingress": side(verdict.ingress),
+                "from": args.src,
+                "to": args.dst,
+                "port": args.port,
+                "protocol": args.protocol.upper(),
+                "allowed": verdict.allowed,
+                "egress": side(verdict.egress),
+                "ingress": side(verdict.ingress),
             },
-            sys.stdout, indent=2,
+            sys.stdout,
+            indent=2,
         )
         sys.stdout.write("\n")
     else:

@@ -28,8 +28,10 @@ def _say(msg: str) -> None:
 
 def _matrix(title: str, r: Reachability) -> None:
     allowed = sum(1 for s in r.names for d in r.names if r.get(s, d))
-    _say(f"\n{title}  ({allowed}/{len(r.names) ** 2} connected; '.' connected, 'X' denied;"
-         " rows are sources)")
+    _say(
+        f"\n{title}  ({allowed}/{len(r.names) ** 2} connected; '.' connected, 'X' denied;"
+        " rows are sources)"
+    )
     _say(r.grid().expandtabs(6))
 
 
@@ -47,13 +49,15 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     _say("== building node-1 with namespaces x, y, z and pods a, b, c (network namespaces)")
     with NodeLab(f"fldm{os.getpid() % 10000}", model, backend=args.backend) as lab:
-        _say(f"   {len(lab.pods)} pods up in {time.monotonic() - t0:.1f}s; each serves TCP/UDP 80, 81")
+        up = time.monotonic() - t0
+        _say(f"   {len(lab.pods)} pods up in {up:.1f}s; each serves TCP/UDP 80, 81")
         for key, ep in lab.pods.items():
             _say(f"   {key:5s} {ep.ip}")
         _matrix("== TCP/80 before any policy", lab.probe(port=args.port))
         _say(f"\n== applying {len(policies)} policies from {policy_dir}:")
         for p in policies:
-            _say(f"   networkpolicy {p['metadata'].get('namespace', 'default')}/{p['metadata']['name']}")
+            meta = p["metadata"]
+            _say(f"   networkpolicy {meta.get('namespace', 'default')}/{meta['name']}")
         t1 = time.monotonic()
         out = lab.policy.apply([*model_docs(model), *policies])
         _say(f"   {out.strip()}  ({(time.monotonic() - t1) * 1000:.0f} ms incl. process start)")
@@ -63,10 +67,38 @@ def run(args: argparse.Namespace) -> int:
         docs_dir = lab.policy.write_docs([*model_docs(model), *policies])
         from felix_lite.cli import main as cli_main
 
-        cli_main(["--log-level", "WARNING", "policy", "explain", "--from", "y/a", "--to", "x/a",
-                  "--port", "80", "-f", str(docs_dir)])
-        cli_main(["--log-level", "WARNING", "policy", "explain", "--from", "z/c", "--to", "y/b",
-                  "--port", "80", "-f", str(docs_dir)])
+        cli_main(
+            [
+                "--log-level",
+                "WARNING",
+                "policy",
+                "explain",
+                "--from",
+                "y/a",
+                "--to",
+                "x/a",
+                "--port",
+                "80",
+                "-f",
+                str(docs_dir),
+            ]
+        )
+        cli_main(
+            [
+                "--log-level",
+                "WARNING",
+                "policy",
+                "explain",
+                "--from",
+                "z/c",
+                "--to",
+                "y/b",
+                "--port",
+                "80",
+                "-f",
+                str(docs_dir),
+            ]
+        )
         _say("== tearing down")
     _say(f"== done in {time.monotonic() - t0:.1f}s; all namespaces removed")
     return 0

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import lru_cache
 from typing import Final
 
 from policy import names
@@ -184,9 +185,9 @@ def _describe_canonical(text: str) -> str:
     return ",".join(parts)
 
 
-def _pods_set(policy: NetworkPolicy, peer: Peer) -> _SetDef:
+def _pods_set(namespace: str, peer: Peer) -> _SetDef:
     pod_sel = peer.pod_selector if peer.pod_selector is not None else _ALL
-    ns = policy.namespace if peer.namespace_selector is None else ""
+    ns = namespace if peer.namespace_selector is None else ""
     ident = json.dumps(
         ["pods", ns, canonical(peer.namespace_selector), canonical(pod_sel)],
         separators=(",", ":"),
@@ -208,7 +209,8 @@ def _pods_set(policy: NetworkPolicy, peer: Peer) -> _SetDef:
     )
 
 
-def _net_set(cidr: str, excepts: Iterable[str]) -> _SetDef | None:
+@lru_cache(maxsize=4096)
+def _net_set(cidr: str, excepts: tuple[str, ...]) -> _SetDef | None:
     """An ipBlock as a hash:net set, or None when it cannot match IPv4.
 
     hash:net cannot hold a /0, so 0.0.0.0/0 becomes two /1 entries; an except
@@ -303,7 +305,7 @@ def _port_match(port: PolicyPort, sets: dict[SetName, _SetDef]) -> str:
 
 
 def _peer_match(
-    policy: NetworkPolicy, peer: Peer, direction: str, sets: dict[SetName, _SetDef]
+    namespace: str, peer: Peer, direction: str, sets: dict[SetName, _SetDef]
 ) -> str | None:
     """The peer's match text, or None when it can never match IPv4."""
     sdef: _SetDef | None
@@ -312,9 +314,30 @@ def _peer_match(
         if sdef is None:
             return None
     else:
-        sdef = _pods_set(policy, peer)
+        sdef = _pods_set(namespace, peer)
     sets[sdef.name] = sdef
     return f"-m set --match-set {sdef.name} {direction}"
+
+
+@lru_cache(maxsize=16384)
+def _rule_block(
+    namespace: str, rule: Rule, direction: str
+) -> tuple[tuple[str, ...], tuple[_SetDef, ...]]:
+    """One rule's lines (P peers x Q ports, then RETURN) and its sets.
+
+    Cached: the same rule text recurs across policies and namespaces, and
+    its compilation (canonical forms, hashes) dominates a from-scratch build.
+    """
+    sets: dict[SetName, _SetDef] = {}
+    if rule.peers:
+        peers = [m for p in rule.peers if (m := _peer_match(namespace, p, direction, sets))]
+    else:
+        peers = [""]
+    ports = [_port_match(p, sets) for p in rule.ports] if rule.ports else [""]
+    block = dict.fromkeys(" ".join(x for x in (q, p, SET_MARK) if x) for p in peers for q in ports)
+    if not block:
+        return (), ()
+    return (*block, RETURN_IF_MARKED), tuple(sets.values())
 
 
 def _rule_lines(
@@ -322,17 +345,10 @@ def _rule_lines(
 ) -> list[str]:
     lines: list[str] = []
     for rule in rules:
-        if rule.peers:
-            peers = [m for p in rule.peers if (m := _peer_match(policy, p, direction, sets))]
-        else:
-            peers = [""]
-        ports = [_port_match(p, sets) for p in rule.ports] if rule.ports else [""]
-        block = dict.fromkeys(
-            " ".join(x for x in (q, p, SET_MARK) if x) for p in peers for q in ports
-        )
-        if block:
-            lines.extend(block)
-            lines.append(RETURN_IF_MARKED)
+        block, block_sets = _rule_block(policy.namespace, rule, direction)
+        lines.extend(block)
+        for sdef in block_sets:
+            sets[sdef.name] = sdef
     return lines
 
 
@@ -386,6 +402,7 @@ class Compiler:
         self.node = node
         self._namespaces: dict[str, Namespace] = {}
         self._pods: dict[PodKey, Pod] = {}
+        # Addressable pods only (the only possible set members).
         self._pods_by_ns: dict[str, dict[PodKey, Pod]] = {}
         self._pods_by_port: dict[tuple[Protocol, str], dict[PodKey, Pod]] = {}
         self._policies: dict[PolicyKey, _CompiledPolicy] = {}
@@ -437,7 +454,7 @@ class Compiler:
             match_pod = aset.pod_match
             changed = False
             for pod in pods.values():
-                if _addressable(pod) and match_pod(pod.labels):
+                if match_pod(pod.labels):
                     assert pod.ip is not None
                     changed |= self._count(aset, pod.ip, 1 if now else -1)
             if changed:
@@ -454,10 +471,11 @@ class Compiler:
         if old is not None:
             self._unindex_pod(old)
         self._pods[key] = pod
-        self._pods_by_ns.setdefault(pod.namespace, {})[key] = pod
-        for cp in pod.ports:
-            if cp.name:
-                self._pods_by_port.setdefault((cp.protocol, cp.name), {})[key] = pod
+        if _addressable(pod):
+            self._pods_by_ns.setdefault(pod.namespace, {})[key] = pod
+            for cp in pod.ports:
+                if cp.name:
+                    self._pods_by_port.setdefault((cp.protocol, cp.name), {})[key] = pod
         self._update_members(old, pod)
         self._update_local(key, old, pod)
 
@@ -471,6 +489,8 @@ class Compiler:
         self._update_local(key, old, None)
 
     def _unindex_pod(self, old: Pod) -> None:
+        if not _addressable(old):
+            return
         by_ns = self._pods_by_ns[old.namespace]
         del by_ns[old.key]
         if not by_ns:
@@ -627,7 +647,7 @@ class Compiler:
             counts = aset.counts
             for ns in spaces:
                 for pod in self._pods_by_ns.get(ns, {}).values():
-                    if _addressable(pod) and match_pod(pod.labels):
+                    if match_pod(pod.labels):
                         counts[pod.ip] += 1  # type: ignore[index]
         elif sdef.kind is _SetKind.PORT:
             self._sets_port[(sdef.protocol, sdef.port_name)] = sdef.name
@@ -815,6 +835,10 @@ class Compiler:
                 description=d.description,
             )
         self._dirty_sets.clear()
+        log.debug(
+            "compiler.ruleset node=%s chains=%d sets=%d local_pods=%d",
+            self.node, len(self._chains), len(self._set_specs), len(self._local_iface),
+        )
         self._snapshot = Ruleset(
             sets=dict(self._set_specs), chains=dict(self._chains), hooks=HOOKS
         )

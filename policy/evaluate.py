@@ -110,7 +110,8 @@ def endpoint_for(state: ClusterState, ref: str) -> Endpoint:
         ip = None
     if ip is not None:
         owners = [
-            p for p in state.pods.values()
+            p
+            for p in state.pods.values()
             if p.ip is not None and not p.host_network and _same_ip(p.ip, ip)
         ]
         if len(owners) == 1:
@@ -161,9 +162,7 @@ def _in_ip_block(block: IPBlock, ip: str) -> bool:
     return True
 
 
-def _peer_matches(
-    state: ClusterState, policy: NetworkPolicy, peer: Peer, other: Endpoint
-) -> bool:
+def _peer_matches(state: ClusterState, policy: NetworkPolicy, peer: Peer, other: Endpoint) -> bool:
     if peer.ip_block is not None:
         return _in_ip_block(peer.ip_block, other.ip)
     pod = _policy_subject(other.pod)
@@ -217,7 +216,8 @@ def selecting_policies(
 ) -> tuple[NetworkPolicy, ...]:
     """Policies of the pod's namespace that select it and have `direction`."""
     found = [
-        pol for pol in state.policies.values()
+        pol
+        for pol in state.policies.values()
         if pol.namespace == pod.namespace
         and direction in pol.policy_types
         and matches(pol.pod_selector, pod.labels)
@@ -261,12 +261,22 @@ def evaluate(
     """Whether `src` may open a connection to `dst` on `protocol`/`port`:
     the egress policies of `src` AND the ingress policies of `dst`."""
     egress = _direction(
-        state, src.pod, direction=PolicyType.EGRESS, peer=dst, dst=dst,
-        port=port, protocol=protocol,
+        state,
+        src.pod,
+        direction=PolicyType.EGRESS,
+        peer=dst,
+        dst=dst,
+        port=port,
+        protocol=protocol,
     )
     ingress = _direction(
-        state, dst.pod, direction=PolicyType.INGRESS, peer=src, dst=dst,
-        port=port, protocol=protocol,
+        state,
+        dst.pod,
+        direction=PolicyType.INGRESS,
+        peer=src,
+        dst=dst,
+        port=port,
+        protocol=protocol,
     )
     return Verdict(
         allowed=egress.allowed and ingress.allowed,
@@ -311,25 +321,33 @@ def describe_rule(rule: Rule, direction: PolicyType) -> str:
 
 
 def _explain_direction(
-    lines: list[str], state: ClusterState, name: str, who: str, d: DirectionVerdict,
+    lines: list[str],
+    state: ClusterState,
+    name: str,
+    who: str,
+    d: DirectionVerdict,
     direction: PolicyType,
 ) -> None:
     if not d.isolated:
-        lines.append(f"  {name} of {who}: allowed (not isolated: no {direction.value} policy "
-                     "selects it)")
+        lines.append(
+            f"  {name} of {who}: allowed (not isolated: no {direction.value} policy selects it)"
+        )
         return
     status = "allowed" if d.allowed else "DENIED"
     lines.append(f"  {name} of {who}: {status} (isolated by {', '.join(d.selecting)})")
     for ref in d.allowed_by:
         pol = state.policies.get(ref.policy)
-        rules = () if pol is None else (pol.ingress if direction is PolicyType.INGRESS
-                                        else pol.egress)
+        rules = (
+            () if pol is None else (pol.ingress if direction is PolicyType.INGRESS else pol.egress)
+        )
         detail = (
             f": {describe_rule(rules[ref.rule_index], direction)}"
-            if ref.rule_index < len(rules) else ""
+            if ref.rule_index < len(rules)
+            else ""
         )
-        lines.append(f"    allowed by {ref.policy} {direction.value.lower()} "
-                     f"rule {ref.rule_index}{detail}")
+        lines.append(
+            f"    allowed by {ref.policy} {direction.value.lower()} rule {ref.rule_index}{detail}"
+        )
     if not d.allowed:
         lines.append(f"    no {direction.value.lower()} rule of these policies matches")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import NewType
 
 PodKey = NewType("PodKey", str)
@@ -18,18 +18,18 @@ PolicyKey = NewType("PolicyKey", str)
 """`<namespace>/<name>` of a NetworkPolicy."""
 
 
-class Protocol(str, Enum):
+class Protocol(StrEnum):
     TCP = "TCP"
     UDP = "UDP"
     SCTP = "SCTP"
 
 
-class PolicyType(str, Enum):
+class PolicyType(StrEnum):
     INGRESS = "Ingress"
     EGRESS = "Egress"
 
 
-class Operator(str, Enum):
+class Operator(StrEnum):
     IN = "In"
     NOT_IN = "NotIn"
     EXISTS = "Exists"

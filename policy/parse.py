@@ -743,13 +743,19 @@ def build_cluster(
         api_version = obj.get("apiVersion")
         if api_version != _API_VERSIONS[kind]:
             obj_kind: ObjectKind = (
-                "networkpolicy" if kind == "NetworkPolicy" else "pod" if kind == "Pod"
+                "networkpolicy"
+                if kind == "NetworkPolicy"
+                else "pod"
+                if kind == "Pod"
                 else "namespace"
             )
             ns, name = _identity(obj, namespaced=kind != "Namespace")
             errors.append(
                 PolicyError(
-                    obj_kind, ns, name, field="apiVersion",
+                    obj_kind,
+                    ns,
+                    name,
+                    field="apiVersion",
                     message=f"unsupported apiVersion {api_version!r} for {kind}: "
                     f"must be {_API_VERSIONS[kind]}",
                 )

@@ -43,6 +43,9 @@ from policy.ruleset import Chain, HookRule, IpSetSpec, Ruleset, SetType
 
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _CANONICAL_IP: Final = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+_CANONICAL_IP_PORT: Final = re.compile(
+    rf"{_OCTET}(?:\.{_OCTET}){{3}},(?:tcp|udp|sctp):[1-9][0-9]{{0,4}}"
+)
 
 RULE_HASH_LEN: Final = 16
 IPSET_MAX_NAME: Final = 31
@@ -50,6 +53,7 @@ TEMP_SET_SUFFIX: Final = "-t"
 IPSET_CREATE_OPTIONS: Final = "family inet hashsize 1024 maxelem 1048576"
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def rule_hash(chain: ChainName, index: int, rule: str) -> str:
     """Stable id of a rule at a position of a chain (16 hex)."""
     digest = hashlib.sha256(f"{chain}\x00{index}\x00{rule}".encode()).hexdigest()
@@ -125,6 +129,8 @@ def normalize_member(set_type: SetType, member: str) -> str:
     text = member.strip()
     if set_type is SetType.HASH_IP and _CANONICAL_IP.fullmatch(text):
         return text  # fast path: most members are plain pod IPs
+    if set_type is SetType.HASH_IP_PORT and _CANONICAL_IP_PORT.fullmatch(text):
+        return text  # fast path: named-port members as the compiler writes them
     try:
         if set_type is SetType.HASH_NET:
             net = ipaddress.IPv4Network(text, strict=False)
@@ -159,10 +165,20 @@ def _create(name: str, set_type: SetType) -> str:
     return f"create {name} {set_type.value} {IPSET_CREATE_OPTIONS} -exist"
 
 
-def render_ipset_restore(ruleset: Ruleset, *, sets: Iterable[SetName] | None = None) -> str:
+def render_ipset_restore(
+    ruleset: Ruleset,
+    *,
+    sets: Iterable[SetName] | None = None,
+    fresh: Iterable[SetName] = (),
+) -> str:
     """`ipset restore` input that makes each of `sets` (default: all) hold
-    exactly its members, whether it exists or not (see module docstring)."""
+    exactly its members, whether it exists or not (see module docstring).
+
+    Sets in `fresh` are known not to exist yet (nothing can reference them):
+    they are filled in place (`create -exist`, `flush`, `add`), half the work
+    of the swap. Still correct if one does exist, only not atomic."""
     names = sorted(set(ruleset.sets if sets is None else sets))
+    direct = set(fresh)
     lines: list[str] = []
     for name in names:
         try:
@@ -170,6 +186,12 @@ def render_ipset_restore(ruleset: Ruleset, *, sets: Iterable[SetName] | None = N
         except KeyError:
             raise ValueError(f"ipset {name}: not in the ruleset") from None
         content = set_content(spec)
+        if name in direct:
+            lines.append(_create(name, spec.type))
+            lines.append(f"flush {name}")
+            lines += [f"add {name} {m}" for m in sorted(content.members)]
+            lines += [f"add {name} {m} nomatch" for m in sorted(content.nomatch)]
+            continue
         tmp = temp_set_name(name)
         lines.append(_create(name, spec.type))
         lines.append(_create(tmp, spec.type))

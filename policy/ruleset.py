@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from policy.names import ChainName, SetName
 
 
-class SetType(str, Enum):
+class SetType(StrEnum):
     HASH_IP = "hash:ip"
     HASH_NET = "hash:net"
     HASH_IP_PORT = "hash:ip,port"

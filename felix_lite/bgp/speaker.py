@@ -146,6 +146,10 @@ class Speaker:
         for p in settings.peers:
             self._peer(p.address, p.asn)
 
+    @property
+    def socket_path(self) -> str:
+        return self._path
+
     # --- lifecycle -------------------------------------------------------
     def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -427,7 +431,10 @@ class Speaker:
                     ):
                         break
                     deadline = self._next_deadline()
-                    self._cv.wait(timeout=None if deadline is None else max(0.0, deadline - now))
+                    # bounded, because the clock is injectable and need not be real time
+                    self._cv.wait(
+                        timeout=None if deadline is None else min(1.0, max(0.0, deadline - now))
+                    )
                 resync = conn.needs_resync
                 conn.needs_resync = False
                 self._dirty = False

@@ -8,6 +8,7 @@ apply|flush|stats`. Layout contract: docs/policy-dataplane.md.
 from felix_lite.dataplane.applier import ApplyResult, Dataplane, ProgrammedState
 from felix_lite.dataplane.backend import Backend, BackendMode, detect_backend
 from felix_lite.dataplane.runner import CommandError, CommandRunner, SubprocessRunner
+from felix_lite.dataplane.stats import RuleCounter, Stats, format_counters
 
 __all__ = [
     "ApplyResult",
@@ -17,6 +18,9 @@ __all__ = [
     "CommandRunner",
     "Dataplane",
     "ProgrammedState",
+    "RuleCounter",
+    "Stats",
     "SubprocessRunner",
     "detect_backend",
+    "format_counters",
 ]

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from felix_lite.dataplane import ipsets
-from felix_lite.dataplane.backend import Backend, BackendMode
+from felix_lite.dataplane.backend import Backend, BackendMode, detect_backend
 from felix_lite.dataplane.iptables import normalize_spec, parse_save, strip_comment
-from felix_lite.dataplane.runner import CommandRunner
+from felix_lite.dataplane.runner import CommandRunner, SubprocessRunner
 from policy.names import HOOK_COMMENT, RULE_COMMENT_PREFIX, is_ours_chain
 from policy.render import hook_rule_spec, rule_hashes
 from policy.ruleset import Ruleset
@@ -138,6 +138,18 @@ class Stats:
         self._backend = backend
         self._runner = runner
         self._netns = netns
+
+    @classmethod
+    def detect(
+        cls,
+        mode: BackendMode = BackendMode.AUTO,
+        *,
+        runner: CommandRunner | None = None,
+        netns: str | None = None,
+    ) -> Stats:
+        """Stats for the node's backend (detected like the applier does)."""
+        real = runner if runner is not None else SubprocessRunner(netns=netns)
+        return cls(detect_backend(real, mode), runner=real, netns=netns)
 
     def counters(self) -> list[RuleCounter]:
         """Our chains' rules and our hook rules, with packet/byte counters."""

@@ -188,10 +188,13 @@ class NetlinkRoutes:
         netns: str | None = None,
         *,
         batch: int = DEFAULT_BATCH,
+        timeout: float | None = 30.0,
         socket_factory: Callable[[str | None], socket.socket] = open_netlink_socket,
     ) -> None:
         self._netns = netns
         self._sock = socket_factory(netns)
+        # A missing ack or dump end would otherwise block forever: fail loudly instead.
+        self._sock.settimeout(timeout)
         # Keep a batch's acks within the receive buffer (~1 KiB each), in case the forced
         # size was refused and the kernel's rmem_max applies.
         rcvbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)

@@ -13,11 +13,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
-# Route protocol numbers (rtnetlink rtm_protocol). felix_lite/rtproto.py (CNI owner) is the
-# canonical home; these mirror it until it lands. Not 186 (FRR's zebra).
-PROTO_LOCAL_POD = 201
-PROTO_BGP = 202
+from felix_lite.rtproto import PROTO_BGP as PROTO_BGP
+from felix_lite.rtproto import PROTO_LOCAL_POD as PROTO_LOCAL_POD
 
+# Route protocol numbers (rtnetlink rtm_protocol) live in felix_lite/rtproto.py (no I/O);
+# re-exported here so the routes package has one import point.
 RT_TABLE_MAIN = 254
 
 

@@ -327,9 +327,9 @@ def test_bad_input_gives_cni_error_and_leaks_nothing(lab: Lab) -> None:
     assert lab.node_routes() == [] and lab.allocations() == []
 
 
-def wait_listening(ns: str, port: int) -> None:
+def wait_listening(ns: str, port: int, *, udp: bool = False) -> None:
     for _ in range(100):
-        if f":{port} " in ns_exec(ns, "ss", "-ltnH").stdout:
+        if f":{port} " in ns_exec(ns, "ss", "-lunH" if udp else "-ltnH").stdout:
             return
         time.sleep(0.05)
     raise AssertionError(f"nothing listening on {port} in {ns}")
@@ -338,16 +338,15 @@ def wait_listening(ns: str, port: int) -> None:
 def serve(lab: Lab, ns: str, port: int, reply: str, *, udp: bool = False) -> None:
     """A one-line server in `ns` that answers every connection (or datagram)."""
     proto = "UDP-RECVFROM" if udp else "TCP-LISTEN"
-    lab.start(ns, "socat", "-T5", f"{proto}:{port},reuseaddr,fork", f"SYSTEM:echo {reply}")
-    if not udp:
-        wait_listening(ns, port)
-    else:
-        time.sleep(0.2)
+    lab.start(ns, "socat", "-t5", "-T5", f"{proto}:{port},reuseaddr,fork", f"SYSTEM:echo {reply}")
+    wait_listening(ns, port, udp=udp)
 
 
 def ask(ns: str, ip: str, port: int, *, udp: bool = False) -> str:
     proto = "UDP" if udp else "TCP"
-    got = ns_exec(ns, "sh", "-c", f"echo hi | socat -T3 - {proto}:{ip}:{port}", check=False)
+    got = ns_exec(ns, "sh", "-c", f"echo hi | socat -d -d -t5 -T5 - {proto}:{ip}:{port}", check=False)
+    if not got.stdout.strip():
+        print("ask.failed", ns, ip, port, got.stderr)
     return got.stdout.strip()
 
 

@@ -365,6 +365,7 @@ def test_stats_counters_and_verify(pod_pair: tuple[str, str, str], backend: Back
     runner = recorder(node)
     Dataplane(backend=backend, runner=runner).apply(rs)
     stats = Stats(backend, runner=runner, netns=node)
+    assert Stats.detect(netns=node).counters() == stats.counters()  # detection finds our rules
     before = stats.counters()
     ours = [r for r in before if r.chain.startswith("FL-")]
     assert len(ours) == sum(len(c.rules) for c in rs.chains.values())

@@ -261,7 +261,8 @@ def test_onlink_next_hop(lab: Lab, nl: NetlinkRoutes) -> None:
     lr = LearnedRoutes(nl, onlink_dev="uplink")
     assert lr.set_desired({"10.73.0.0/16": "198.51.100.7"}).ok
     (r,) = lab.routes("proto", "202")
-    assert r["gateway"] == "198.51.100.7" and "onlink" in r.get("flags", [])
+    flags = r.get("flags", [])
+    assert r["gateway"] == "198.51.100.7" and isinstance(flags, list) and "onlink" in flags
     again = LearnedRoutes(NetlinkRoutes(lab.node), onlink_dev="uplink")
     assert again.set_desired({"10.73.0.0/16": "198.51.100.7"}).changed == 0  # read back as equal
 

@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -36,6 +36,7 @@ from policy.model import (
     LabelSelector,
     Namespace,
     NetworkPolicy,
+    Operator,
     Peer,
     Pod,
     PodKey,
@@ -43,6 +44,7 @@ from policy.model import (
     PolicyPort,
     PolicyType,
     Protocol,
+    Requirement,
     Rule,
 )
 from policy.ruleset import Ruleset, SetType
@@ -65,11 +67,24 @@ def ns_obj(name: str, **labels: str) -> Namespace:
 
 
 def pod(
-    ns: str, name: str, ip: str | None, *, node: str = NODE, host_network: bool = False,
-    ports: tuple[ContainerPort, ...] = (), **labels: str,
+    ns: str,
+    name: str,
+    ip: str | None,
+    *,
+    node: str = NODE,
+    host_network: bool = False,
+    ports: tuple[ContainerPort, ...] = (),
+    **labels: str,
 ) -> Pod:
-    return Pod(ns, name, Labels({"pod": name, **labels}), node=node, ip=ip, ports=ports,
-               host_network=host_network)
+    return Pod(
+        ns,
+        name,
+        Labels({"pod": name, **labels}),
+        node=node,
+        ip=ip,
+        ports=ports,
+        host_network=host_network,
+    )
 
 
 def state(*objs: Namespace | Pod | NetworkPolicy) -> ClusterState:
@@ -106,9 +121,14 @@ def set_of(rs: Ruleset, rule: str) -> str:
     return m.group(1)
 
 
-BASE = (ns_obj("x", ns="x"), ns_obj("y", ns="y"),
-        pod("x", "a", "10.0.1.1"), pod("x", "b", "10.0.1.2"),
-        pod("y", "a", "10.0.2.1", node="n2"), pod("y", "b", "10.0.2.2"))
+BASE = (
+    ns_obj("x", ns="x"),
+    ns_obj("y", ns="y"),
+    pod("x", "a", "10.0.1.1"),
+    pod("x", "b", "10.0.1.2"),
+    pod("y", "a", "10.0.2.1", node="n2"),
+    pod("y", "b", "10.0.2.2"),
+)
 
 
 # --------------------------------------------------------------------------
@@ -119,7 +139,9 @@ def test_fixed_chains_hooks_and_dispatch() -> None:
     rs = compile_ruleset(state(*BASE), NODE)
     assert rs.hooks == HOOKS
     assert [(h.table, h.chain, h.rule) for h in rs.hooks] == [
-        ("filter", "FORWARD", "-j FL-FORWARD"), ("filter", "INPUT", "-j FL-INPUT")]
+        ("filter", "FORWARD", "-j FL-FORWARD"),
+        ("filter", "INPUT", "-j FL-INPUT"),
+    ]
     assert rules(rs, "FL-FORWARD") == (
         "-i fl+ -m conntrack --ctstate INVALID -j DROP",
         "-o fl+ -m conntrack --ctstate INVALID -j DROP",
@@ -138,13 +160,16 @@ def test_fixed_chains_hooks_and_dispatch() -> None:
     prefixes = sorted({i[2] for i in ifaces.values()})
     for direction, flag in ((PolicyType.EGRESS, "-i"), (PolicyType.INGRESS, "-o")):
         top = rules(rs, dispatch_chain(direction))
-        assert top == (*(f"{flag} fl{p}+ -g {dispatch_chain(direction, p)}" for p in prefixes),
-                       "-j DROP")
+        assert top == (
+            *(f"{flag} fl{p}+ -g {dispatch_chain(direction, p)}" for p in prefixes),
+            "-j DROP",
+        )
         for p in prefixes:
             expect = sorted((i, k) for k, i in ifaces.items() if i[2] == p)
             assert rules(rs, dispatch_chain(direction, p)) == (
                 *(f"{flag} {i} -g {pod_chain(direction, PodKey(k))}" for i, k in expect),
-                "-j DROP")
+                "-j DROP",
+            )
     # Not isolated: anti-spoof only; nothing for the remote pod; no policy chains, no sets.
     assert rules(rs, fw("x/a")) == ("! -s 10.0.1.1/32 -j DROP",)
     assert rules(rs, tw("x/a")) == ()
@@ -172,8 +197,9 @@ def test_default_deny_ingress() -> None:
 
 
 def test_allow_from_pod_selector() -> None:
-    pol = NetworkPolicy("x", "allow", sel(pod="a"), ING,
-                        ingress=(Rule(peers=(Peer(pod_selector=sel(pod="b")),)),))
+    pol = NetworkPolicy(
+        "x", "allow", sel(pod="a"), ING, ingress=(Rule(peers=(Peer(pod_selector=sel(pod="b")),)),)
+    )
     rs = compile_ruleset(state(*BASE, pol), NODE)
     (line, ret) = rules(rs, pi("x/allow"))
     assert ret == RET
@@ -187,16 +213,29 @@ def test_allow_from_pod_selector() -> None:
 
 
 def test_namespace_selector_and_both() -> None:
-    only_ns = NetworkPolicy("x", "ns", sel(pod="a"), ING,
-                            ingress=(Rule(peers=(Peer(namespace_selector=sel(ns="y")),)),))
-    both = NetworkPolicy("x", "both", sel(pod="a"), ING, ingress=(Rule(peers=(
-        Peer(namespace_selector=sel(ns="y"), pod_selector=sel(pod="a")),)),))
-    all_ns = NetworkPolicy("x", "all", sel(pod="a"), ING, ingress=(Rule(peers=(
-        Peer(namespace_selector=LabelSelector()),)),))
+    only_ns = NetworkPolicy(
+        "x", "ns", sel(pod="a"), ING, ingress=(Rule(peers=(Peer(namespace_selector=sel(ns="y")),)),)
+    )
+    both = NetworkPolicy(
+        "x",
+        "both",
+        sel(pod="a"),
+        ING,
+        ingress=(Rule(peers=(Peer(namespace_selector=sel(ns="y"), pod_selector=sel(pod="a")),)),),
+    )
+    all_ns = NetworkPolicy(
+        "x",
+        "all",
+        sel(pod="a"),
+        ING,
+        ingress=(Rule(peers=(Peer(namespace_selector=LabelSelector()),)),),
+    )
     extra = (pod("y", "h", "10.0.2.9", host_network=True), pod("y", "p", None))
     rs = compile_ruleset(state(*BASE, *extra, only_ns, both, all_ns), NODE)
-    members = {k: rs.sets[names.SetName(set_of(rs, rules(rs, pi(k))[0]))].members
-                for k in ("x/ns", "x/both", "x/all")}
+    members = {
+        k: rs.sets[names.SetName(set_of(rs, rules(rs, pi(k))[0]))].members
+        for k in ("x/ns", "x/both", "x/all")
+    }
     assert members == {
         "x/ns": {"10.0.2.1", "10.0.2.2"},  # remote pods included; hostNetwork and no-IP not
         "x/both": {"10.0.2.1"},
@@ -204,16 +243,33 @@ def test_namespace_selector_and_both() -> None:
     }
     # Sorted by policy key.
     assert rules(rs, tw("x/a")) == (
-        f"-j {pi('x/all')}", RET, f"-j {pi('x/both')}", RET, f"-j {pi('x/ns')}", RET, "-j DROP")
+        f"-j {pi('x/all')}",
+        RET,
+        f"-j {pi('x/both')}",
+        RET,
+        f"-j {pi('x/ns')}",
+        RET,
+        "-j DROP",
+    )
 
 
 def test_ip_block_with_except_and_ipv6_skipped() -> None:
-    pol = NetworkPolicy("x", "net", sel(pod="a"), ING, ingress=(
-        Rule(peers=(Peer(ip_block=IPBlock("192.168.0.0/16", ("192.168.1.0/24", "192.168.2.0/24"))),
-                    Peer(ip_block=IPBlock("fd00::/8")))),
-        Rule(peers=(Peer(ip_block=IPBlock("fd00::/8")),)),  # only IPv6: matches nothing
-        Rule(peers=(Peer(ip_block=IPBlock("0.0.0.0/0", ("10.0.0.0/8",))),)),
-    ))
+    pol = NetworkPolicy(
+        "x",
+        "net",
+        sel(pod="a"),
+        ING,
+        ingress=(
+            Rule(
+                peers=(
+                    Peer(ip_block=IPBlock("192.168.0.0/16", ("192.168.1.0/24", "192.168.2.0/24"))),
+                    Peer(ip_block=IPBlock("fd00::/8")),
+                )
+            ),
+            Rule(peers=(Peer(ip_block=IPBlock("fd00::/8")),)),  # only IPv6: matches nothing
+            Rule(peers=(Peer(ip_block=IPBlock("0.0.0.0/0", ("10.0.0.0/8",))),)),
+        ),
+    )
     rs = compile_ruleset(state(*BASE, pol), NODE)
     r = rules(rs, pi("x/net"))
     assert len(r) == 4 and r[1] == RET and r[3] == RET
@@ -229,12 +285,29 @@ def test_ip_block_with_except_and_ipv6_skipped() -> None:
 
 def test_ports_numeric_range_protocols_and_named() -> None:
     web = (ContainerPort(8080, Protocol.TCP, "http"), ContainerPort(5353, Protocol.UDP, "http"))
-    pods = (pod("x", "a", "10.0.1.1", ports=web), pod("y", "c", "10.0.2.3", node="n9", ports=web),
-            pod("x", "b", "10.0.1.2", ports=(ContainerPort(81, Protocol.TCP, "other"),)))
-    pol = NetworkPolicy("x", "ports", sel(pod="a"), ING, ingress=(Rule(ports=(
-        PolicyPort(Protocol.TCP, 80), PolicyPort(Protocol.TCP, 80, 90), PolicyPort(Protocol.UDP),
-        PolicyPort(Protocol.SCTP, 7), PolicyPort(Protocol.UDP, 53), PolicyPort(Protocol.TCP, "http"),
-    )),))
+    pods = (
+        pod("x", "a", "10.0.1.1", ports=web),
+        pod("y", "c", "10.0.2.3", node="n9", ports=web),
+        pod("x", "b", "10.0.1.2", ports=(ContainerPort(81, Protocol.TCP, "other"),)),
+    )
+    pol = NetworkPolicy(
+        "x",
+        "ports",
+        sel(pod="a"),
+        ING,
+        ingress=(
+            Rule(
+                ports=(
+                    PolicyPort(Protocol.TCP, 80),
+                    PolicyPort(Protocol.TCP, 80, 90),
+                    PolicyPort(Protocol.UDP),
+                    PolicyPort(Protocol.SCTP, 7),
+                    PolicyPort(Protocol.UDP, 53),
+                    PolicyPort(Protocol.TCP, "http"),
+                )
+            ),
+        ),
+    )
     rs = compile_ruleset(state(*pods, pol), NODE)
     r = rules(rs, pi("x/ports"))
     named = set_of(rs, r[5])
@@ -253,9 +326,18 @@ def test_ports_numeric_range_protocols_and_named() -> None:
 
 
 def test_peers_times_ports_and_egress() -> None:
-    pol = NetworkPolicy("x", "eg", sel(pod="a"), BOTH, egress=(Rule(
-        peers=(Peer(pod_selector=sel(pod="b")), Peer(ip_block=IPBlock("10.9.0.0/16"))),
-        ports=(PolicyPort(Protocol.TCP, 80), PolicyPort(Protocol.UDP, 53))),))
+    pol = NetworkPolicy(
+        "x",
+        "eg",
+        sel(pod="a"),
+        BOTH,
+        egress=(
+            Rule(
+                peers=(Peer(pod_selector=sel(pod="b")), Peer(ip_block=IPBlock("10.9.0.0/16"))),
+                ports=(PolicyPort(Protocol.TCP, 80), PolicyPort(Protocol.UDP, 53)),
+            ),
+        ),
+    )
     rs = compile_ruleset(state(*BASE, pol), NODE)
     assert rules(rs, pi("x/eg")) == ()  # Ingress type without rules: deny all
     r = rules(rs, pe("x/eg"))
@@ -275,8 +357,9 @@ def test_sets_shared_and_policies_without_local_pods_contribute_nothing() -> Non
     rule = Rule(peers=(Peer(pod_selector=sel(pod="b")),))
     p1 = NetworkPolicy("x", "one", sel(pod="a"), ING, ingress=(rule,))
     p2 = NetworkPolicy("x", "two", LabelSelector(), ING, ingress=(rule,))
-    remote_only = NetworkPolicy("y", "r", sel(pod="a"), ING, ingress=(
-        Rule(peers=(Peer(ip_block=IPBlock("10.7.0.0/16")),)),))
+    remote_only = NetworkPolicy(
+        "y", "r", sel(pod="a"), ING, ingress=(Rule(peers=(Peer(ip_block=IPBlock("10.7.0.0/16")),)),)
+    )
     rs = compile_ruleset(state(*BASE, p1, p2, remote_only), NODE)
     assert set_of(rs, rules(rs, pi("x/one"))[0]) == set_of(rs, rules(rs, pi("x/two"))[0])
     assert len(rs.sets) == 1
@@ -290,19 +373,27 @@ def test_names_stable_and_short() -> None:
     assert a == b
     assert all(len(n) <= names.MAX_NAME for n in [*a.chains, *a.sets])
     # Stable across processes (hash seeds): the names are a function of identity only.
-    code = ("from policy.compiler import policy_chain, pod_chain;"
-            "from policy.model import PolicyType as T;"
-            "print(policy_chain(T.INGRESS, 'x/allow'), pod_chain(T.EGRESS, 'x/a'))")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout
-            for seed in ("1", "2")}
+    code = (
+        "from policy.compiler import policy_chain, pod_chain;"
+        "from policy.model import PolicyType as T;"
+        "print(policy_chain(T.INGRESS, 'x/allow'), pod_chain(T.EGRESS, 'x/a'))"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2")
+    }
     assert outs == {f"{pi('x/allow')} {fw('x/a')}\n"}
 
 
 def test_ruleset_snapshots_do_not_change() -> None:
     c = Compiler(NODE)
-    for o in BASE:
-        c.set_namespace(o) if isinstance(o, Namespace) else c.set_pod(o)  # type: ignore[arg-type]
+    _incremental(c, *BASE)
     before = c.ruleset()
     copy = Ruleset(sets=dict(before.sets), chains=dict(before.chains), hooks=before.hooks)
     c.set_policy(NetworkPolicy("x", "deny", LabelSelector(), BOTH))
@@ -387,7 +478,9 @@ def _matches(rs: Ruleset, tokens: list[str], pkt: Packet, mark: int) -> bool:
     return True
 
 
-def run_chain(rs: Ruleset, chain: str, pkt: Packet, mark: int = 0, depth: int = 0) -> tuple[str, int]:
+def run_chain(
+    rs: Ruleset, chain: str, pkt: Packet, mark: int = 0, depth: int = 0
+) -> tuple[str, int]:
     """-> (verdict ACCEPT|DROP|RETURN, mark)."""
     assert depth < 10
     for rule in rs.chains[names.ChainName(chain)].rules:
@@ -414,16 +507,18 @@ def forwarded(rs: Ruleset, pkt: Packet) -> bool:
     return run_chain(rs, "FL-FORWARD", pkt)[0] != "DROP"
 
 
-def dataplane_allows(rulesets: Mapping[str, Ruleset], src: Pod, dst: Pod, proto: str,
-                     port: int) -> bool:
+def dataplane_allows(
+    rulesets: Mapping[str, Ruleset], src: Pod, dst: Pod, proto: str, port: int
+) -> bool:
     """Both nodes' FORWARD paths (one pass when both pods share a node)."""
     assert src.ip and dst.ip and src.node and dst.node
     s_if = names.pod_interface(src.namespace, src.name)
     d_if = names.pod_interface(dst.namespace, dst.name)
     if src.node == dst.node:
         return forwarded(rulesets[src.node], Packet(src.ip, dst.ip, proto, port, s_if, d_if))
-    return (forwarded(rulesets[src.node], Packet(src.ip, dst.ip, proto, port, s_if, "eth0"))
-            and forwarded(rulesets[dst.node], Packet(src.ip, dst.ip, proto, port, "eth0", d_if)))
+    return forwarded(
+        rulesets[src.node], Packet(src.ip, dst.ip, proto, port, s_if, "eth0")
+    ) and forwarded(rulesets[dst.node], Packet(src.ip, dst.ip, proto, port, "eth0", d_if))
 
 
 def _probe_all(st_: ClusterState) -> None:
@@ -433,8 +528,13 @@ def _probe_all(st_: ClusterState) -> None:
     for src in pods:
         for dst in pods:
             for proto, port in (("tcp", 80), ("udp", 81), ("tcp", 81), ("sctp", 80)):
-                want = evaluate(st_, Endpoint(src, src.ip or ""), Endpoint(dst, dst.ip or ""),
-                                port=port, protocol=Protocol(proto.upper())).allowed
+                want = evaluate(
+                    st_,
+                    Endpoint(src, src.ip or ""),
+                    Endpoint(dst, dst.ip or ""),
+                    port=port,
+                    protocol=Protocol(proto.upper()),
+                ).allowed
                 got = dataplane_allows(rulesets, src, dst, proto, port)
                 assert got == want, (src.key, dst.key, proto, port)
 
@@ -446,8 +546,10 @@ def test_interpreter_sees_spoofing_and_unknown_interfaces_dropped() -> None:
     assert not forwarded(rs, Packet("10.0.1.9", "10.0.2.1", "tcp", 80, a_if, "eth0"))
     assert not forwarded(rs, Packet("10.0.1.1", "10.0.2.1", "tcp", 80, "fl0000000000", "eth0"))
     assert not forwarded(rs, Packet("10.0.2.1", "10.0.1.5", "tcp", 80, "eth0", "flffffffffff"))
-    assert run_chain(rs, "FL-INPUT", Packet("10.0.1.9", "10.0.0.1", "tcp", 80, a_if, None))[0] \
+    assert (
+        run_chain(rs, "FL-INPUT", Packet("10.0.1.9", "10.0.0.1", "tcp", 80, a_if, None))[0]
         == "DROP"
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -465,11 +567,12 @@ def check_invariants(rs: Ruleset) -> None:
         for rule in chain.rules:
             for m in re.finditer(r"--match-set (\S+) ", rule):
                 assert m.group(1) in rs.sets, (chain.name, rule)
-            m = re.search(r"-[jg] (FL-\S+)", rule)
-            if m:
-                assert m.group(1) in rs.chains, (chain.name, rule)
-    referenced = {m for c in rs.chains.values() for r in c.rules
-                  for m in re.findall(r"--match-set (\S+) ", r)}
+            jump = re.search(r"-[jg] (FL-\S+)", rule)
+            if jump:
+                assert jump.group(1) in rs.chains, (chain.name, rule)
+    referenced = {
+        m for c in rs.chains.values() for r in c.rules for m in re.findall(r"--match-set (\S+) ", r)
+    }
     assert referenced == set(rs.sets), "a set nobody references"
     for h in rs.hooks:
         assert h.rule.split()[-1] in rs.chains
@@ -478,20 +581,46 @@ def check_invariants(rs: Ruleset) -> None:
 
 _NS = ("x", "y", "z")
 _NODES = ("n1", "n2")
-_IPS = tuple(f"10.0.0.{i}" for i in range(1, 7)) + ("fd00::1",)
+_IPS = (*(f"10.0.0.{i}" for i in range(1, 7)), "fd00::1")
 
+# Small pools so that selectors often select, sets fill and updates matter.
+_SELS = (
+    LabelSelector(), sel(pod="a"), sel(app="web"), sel(app="db", pod="b"),
+    LabelSelector(match_expressions=(Requirement("app", Operator.EXISTS),)),
+    LabelSelector(match_expressions=(Requirement("app", Operator.NOT_IN, ("web",)),)),
+)
+_NS_SELS = (LabelSelector(), sel(team="red"), sel(**{"kubernetes.io/metadata.name": "y"}),
+            LabelSelector(match_expressions=(Requirement("team", Operator.DOES_NOT_EXIST),)))
+small_labels = st.dictionaries(st.sampled_from(("pod", "app")),
+                               st.sampled_from(("a", "b", "web", "db")), max_size=2).map(Labels)
+simple_peers = st.one_of(
+    st.sampled_from(_SELS).map(lambda s: Peer(pod_selector=s)),
+    st.sampled_from(_NS_SELS).map(lambda s: Peer(namespace_selector=s)),
+    st.builds(lambda p, n: Peer(pod_selector=p, namespace_selector=n),
+              st.sampled_from(_SELS), st.sampled_from(_NS_SELS)),
+    sts.ip_blocks().map(lambda b: Peer(ip_block=b)),
+)
+simple_rules = st.builds(Rule, st.lists(simple_peers, max_size=2).map(tuple),
+                         st.lists(sts.policy_ports(), max_size=2).map(tuple))
+simple_policies = st.builds(
+    NetworkPolicy, st.sampled_from(_NS), st.sampled_from(("p", "q", "r")), st.sampled_from(_SELS),
+    st.sets(st.sampled_from(list(PolicyType)), min_size=1).map(frozenset),
+    st.lists(simple_rules, max_size=2).map(tuple), st.lists(simple_rules, max_size=2).map(tuple),
+)
 pods_st = st.builds(
     lambda ns, name, lab, node, ip, hn, ports: Pod(ns, name, lab, node=node, ip=ip,
                                                    host_network=hn, ports=ports),
-    st.sampled_from(_NS), st.sampled_from(("a", "b", "c", "d")), sts.labels(max_size=2),
-    st.sampled_from((*_NODES, None)), st.sampled_from((*_IPS, None)),
+    st.sampled_from(_NS), st.sampled_from(("a", "b", "c", "d")), small_labels,
+    st.sampled_from((*_NODES, _NODES[0], None)), st.sampled_from((*_IPS, None)),
     st.sampled_from((False, False, False, True)),
     st.lists(st.builds(ContainerPort, st.sampled_from((80, 81, 53)), sts.protocols,
                        st.sampled_from(sts.PORT_NAMES)), max_size=2).map(tuple),
 )
-namespaces_st = st.builds(lambda n, lab: Namespace(n, lab), st.sampled_from(_NS),
-                          sts.labels(max_size=2))
-policies_st = sts.network_policies(namespaces=_NS, names=st.sampled_from(("p", "q", "r")))
+namespaces_st = st.builds(
+    lambda n, team: Namespace(n, Labels({"kubernetes.io/metadata.name": n, **team})),
+    st.sampled_from(_NS), st.sampled_from(({}, {"team": "red"}, {"team": "blue"})))
+policies_st = st.one_of(
+    simple_policies, sts.network_policies(namespaces=_NS, names=st.sampled_from(("p", "q", "r"))))
 
 Op = tuple[str, object]
 ops_st = st.lists(
@@ -503,51 +632,64 @@ ops_st = st.lists(
         st.sampled_from([f"{n}/{p}" for n in _NS for p in "abcd"]).map(lambda v: ("-pod", v)),
         st.sampled_from([f"{n}/{p}" for n in _NS for p in "pqr"]).map(lambda v: ("-pol", v)),
     ),
-    max_size=25,
+    max_size=30,
 )
 
 
-def apply_ops(c: Compiler | None, ops: Iterable[Op], world: dict[str, dict[str, object]],
-              *, check_each: bool = False) -> None:
+@dataclass
+class World:
+    """The cluster an op sequence leads to, kept beside the Compiler."""
+
+    ns: dict[str, Namespace] = field(default_factory=dict)
+    pod: dict[PodKey, Pod] = field(default_factory=dict)
+    pol: dict[PolicyKey, NetworkPolicy] = field(default_factory=dict)
+
+    def state(self) -> ClusterState:
+        return ClusterState(namespaces=self.ns, pods=self.pod, policies=self.pol)
+
+
+def apply_ops(
+    c: Compiler | None, ops: Iterable[Op], world: World, *, check_each: bool = False
+) -> None:
     for kind, value in ops:
-        if kind == "ns":
-            assert isinstance(value, Namespace)
-            world["ns"][value.name] = value
+        if isinstance(value, Namespace):
+            world.ns[value.name] = value
             if c:
                 c.set_namespace(value)
-        elif kind == "pod":
-            assert isinstance(value, Pod)
-            world["pod"][value.key] = value
+        elif isinstance(value, Pod):
+            world.pod[value.key] = value
             if c:
                 c.set_pod(value)
-        elif kind == "pol":
-            assert isinstance(value, NetworkPolicy)
-            world["pol"][value.key] = value
+        elif isinstance(value, NetworkPolicy):
+            world.pol[value.key] = value
             if c:
                 c.set_policy(value)
-        else:
+        elif kind == "-ns":
             assert isinstance(value, str)
-            world[kind[1:]].pop(value, None)
+            world.ns.pop(value, None)
             if c:
-                {"-ns": c.remove_namespace, "-pod": c.remove_pod, "-pol": c.remove_policy}[kind](
-                    value)  # type: ignore[operator]
+                c.remove_namespace(value)
+        elif kind == "-pod":
+            world.pod.pop(PodKey(str(value)), None)
+            if c:
+                c.remove_pod(PodKey(str(value)))
+        else:
+            assert kind == "-pol"
+            world.pol.pop(PolicyKey(str(value)), None)
+            if c:
+                c.remove_policy(PolicyKey(str(value)))
         if c and check_each:
             check_invariants(c.ruleset())
-
-
-def world_state(world: dict[str, dict[str, object]]) -> ClusterState:
-    return ClusterState(namespaces=world["ns"], pods=world["pod"],  # type: ignore[arg-type]
-                        policies=world["pol"])  # type: ignore[arg-type]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops_st, st.sampled_from(_NODES), st.booleans())
 def test_incremental_equals_scratch(ops: list[Op], node: str, check_each: bool) -> None:
     c = Compiler(node)
-    world: dict[str, dict[str, object]] = {"ns": {}, "pod": {}, "pol": {}}
+    world = World()
     apply_ops(c, ops, world, check_each=check_each)
     got = c.ruleset()
-    want = compile_ruleset(world_state(world), node)
+    want = compile_ruleset(world.state(), node)
     assert got == want
     check_invariants(got)
 
@@ -555,15 +697,15 @@ def test_incremental_equals_scratch(ops: list[Op], node: str, check_each: bool) 
 @settings(max_examples=40, deadline=None)
 @given(ops_st, st.randoms(use_true_random=False))
 def test_same_inputs_any_order(ops: list[Op], rnd: random.Random) -> None:
-    world: dict[str, dict[str, object]] = {"ns": {}, "pod": {}, "pol": {}}
+    world = World()
     apply_ops(None, ops, world)
-    final: list[Op] = [("ns", v) for v in world["ns"].values()]
-    final += [("pod", v) for v in world["pod"].values()]
-    final += [("pol", v) for v in world["pol"].values()]
+    final: list[Op] = [("ns", v) for v in world.ns.values()]
+    final += [("pod", v) for v in world.pod.values()]
+    final += [("pol", v) for v in world.pol.values()]
     rnd.shuffle(final)
     c = Compiler("n1")
-    apply_ops(c, final, {"ns": {}, "pod": {}, "pol": {}})
-    assert c.ruleset() == compile_ruleset(world_state(world), "n1")
+    apply_ops(c, final, World())
+    assert c.ruleset() == compile_ruleset(world.state(), "n1")
 
 
 def test_synthetic_cluster_incremental_matches_scratch() -> None:
@@ -573,18 +715,14 @@ def test_synthetic_cluster_incremental_matches_scratch() -> None:
     for ns in st_.namespaces.values():
         c.set_namespace(ns)
     pols = list(st_.policies.values())
-    for p in pols[:50]:
-        c.set_policy(p)  # some policies before the pods: sets filled per pod
-    for p in st_.pods.values():
-        c.set_pod(p)
-    for p in pols[50:]:
-        c.set_policy(p)
+    _incremental(c, *pols[:50])  # some policies before the pods: sets filled per pod
+    _incremental(c, *st_.pods.values())
+    _incremental(c, *pols[50:])
     rs0 = c.ruleset()
     assert rs0 == compile_ruleset(st_, LOCAL_NODE)
     assert sum(k.startswith("FL-TW-") for k in rs0.chains) == 80
     check_invariants(rs0)
-    world: dict[str, dict[str, object]] = {
-        "ns": dict(st_.namespaces), "pod": dict(st_.pods), "pol": dict(st_.policies)}
+    world = World(dict(st_.namespaces), dict(st_.pods), dict(st_.policies))
     local = [p for p in st_.pods.values() if p.node == LOCAL_NODE]
     ops: list[Op] = [
         ("pol", replace(make_policy(3, 5), name="new")),
@@ -597,24 +735,128 @@ def test_synthetic_cluster_incremental_matches_scratch() -> None:
         ("-pod", local[3].key),
     ]
     apply_ops(c, ops, world, check_each=True)
-    assert c.ruleset() == compile_ruleset(world_state(world), LOCAL_NODE)
+    assert c.ruleset() == compile_ruleset(world.state(), LOCAL_NODE)
 
 
 @pytest.mark.parametrize("order", ["pods_first", "policies_first"])
 def test_build_order_does_not_matter(order: str) -> None:
     st_ = synthetic_cluster(pods=200, namespaces=10, policies=50, nodes=4)
     c = Compiler(LOCAL_NODE)
-    groups: list[Iterable[object]] = [st_.namespaces.values(), st_.pods.values(),
-                                      st_.policies.values()]
+    groups: list[Iterable[Namespace | Pod | NetworkPolicy]] = [
+        st_.namespaces.values(),
+        st_.pods.values(),
+        st_.policies.values(),
+    ]
     if order == "policies_first":
         groups.reverse()
     for g in groups:
-        for o in g:
-            if isinstance(o, Namespace):
-                c.set_namespace(o)
-            elif isinstance(o, Pod):
-                c.set_pod(o)
-            else:
-                assert isinstance(o, NetworkPolicy)
-                c.set_policy(o)
+        _incremental(c, *g)
     assert c.ruleset() == compile_ruleset(st_, LOCAL_NODE)
+
+
+# --------------------------------------------------------------------------
+# Targeted updates (each one a path the random sequences hit only rarely)
+
+
+def _incremental(c: Compiler, *objs: Namespace | Pod | NetworkPolicy) -> None:
+    for o in objs:
+        if isinstance(o, Namespace):
+            c.set_namespace(o)
+        elif isinstance(o, Pod):
+            c.set_pod(o)
+        else:
+            c.set_policy(o)
+
+
+TEAM = NetworkPolicy("x", "team", sel(pod="a"), ING,
+                     ingress=(Rule(peers=(Peer(namespace_selector=sel(team="red")),)),))
+
+
+def _team_members(rs: Ruleset) -> frozenset[str]:
+    return rs.sets[names.SetName(set_of(rs, rules(rs, pi("x/team"))[0]))].members
+
+
+def test_namespace_label_changes_move_its_pods() -> None:
+    c = Compiler(NODE)
+    _incremental(c, *BASE, TEAM)
+    assert _team_members(c.ruleset()) == frozenset()
+    c.set_namespace(ns_obj("y", ns="y", team="red"))
+    assert _team_members(c.ruleset()) == {"10.0.2.1", "10.0.2.2"}
+    c.set_pod(pod("y", "c", "10.0.2.3", node="n7"))
+    assert _team_members(c.ruleset()) == {"10.0.2.1", "10.0.2.2", "10.0.2.3"}
+    c.set_namespace(ns_obj("y", ns="y", team="blue"))
+    assert _team_members(c.ruleset()) == frozenset()
+    c.set_namespace(ns_obj("z", team="red"))  # labels before its pods arrive
+    c.set_pod(pod("z", "a", "10.0.3.1", node="n2"))
+    assert _team_members(c.ruleset()) == {"10.0.3.1"}
+    c.remove_namespace("z")
+    assert _team_members(c.ruleset()) == frozenset()
+
+
+def test_missing_namespace_has_its_metadata_name_label() -> None:
+    by_name = NetworkPolicy("x", "team", sel(pod="a"), ING, ingress=(Rule(peers=(
+        Peer(namespace_selector=sel(**{"kubernetes.io/metadata.name": "w"})),)),))
+    orphan = pod("w", "a", "10.0.9.1", node="n2")
+    rs = compile_ruleset(state(*BASE, orphan, by_name), NODE)
+    assert _team_members(rs) == {"10.0.9.1"}
+    c = Compiler(NODE)
+    _incremental(c, *BASE, orphan, by_name, ns_obj("w", team="red"))
+    c.remove_namespace("w")
+    assert c.ruleset() == rs
+
+
+def test_policy_types_change_with_same_selection() -> None:
+    c = Compiler(NODE)
+    p = NetworkPolicy("x", "p", sel(pod="a"), ING)
+    _incremental(c, *BASE, p)
+    assert rules(c.ruleset(), fw("x/a")) == ("! -s 10.0.1.1/32 -j DROP",)
+    c.set_policy(replace(p, policy_types=BOTH))
+    rs = c.ruleset()
+    assert rules(rs, fw("x/a")) == ("! -s 10.0.1.1/32 -j DROP", f"-j {pe('x/p')}", RET, "-j DROP")
+    c.set_policy(replace(p, policy_types=EGR))
+    rs = c.ruleset()
+    assert rules(rs, tw("x/a")) == () and pi("x/p") not in rs.chains
+    assert rs == compile_ruleset(state(*BASE, replace(p, policy_types=EGR)), NODE)
+
+
+def test_policy_rules_change_while_selected() -> None:
+    c = Compiler(NODE)
+    p1 = NetworkPolicy("x", "p", sel(pod="a"), ING, ingress=(
+        Rule(peers=(Peer(pod_selector=sel(pod="b")),)),))
+    p2 = replace(p1, ingress=(Rule(peers=(Peer(ip_block=IPBlock("10.5.0.0/16")),)),))
+    _incremental(c, *BASE, p1)
+    first = c.ruleset()
+    c.set_policy(p2)
+    second = c.ruleset()
+    assert second == compile_ruleset(state(*BASE, p2), NODE)
+    assert set(first.sets).isdisjoint(second.sets) and len(second.sets) == 1
+    assert rules(second, pi("x/p")) != rules(first, pi("x/p"))
+    c.set_policy(p1)
+    assert c.ruleset() == first
+
+
+def test_local_pod_leaving_retires_policy_and_sets() -> None:
+    c = Compiler(NODE)
+    p = NetworkPolicy("x", "p", sel(pod="a"), BOTH, egress=(
+        Rule(ports=(PolicyPort(Protocol.TCP, "http"),)),))
+    _incremental(c, *BASE, p)
+    assert pe("x/p") in c.ruleset().chains and len(c.ruleset().sets) == 1
+    c.set_pod(pod("x", "a", "10.0.1.1", node="n2"))  # moved away (as a new incarnation would)
+    rs = c.ruleset()
+    assert pe("x/p") not in rs.chains and not rs.sets and fw("x/a") not in rs.chains
+    c.set_pod(pod("x", "a", "10.0.1.7", app="web"))
+    rs = c.ruleset()
+    assert rules(rs, fw("x/a"))[0] == "! -s 10.0.1.7/32 -j DROP"
+    assert rs == compile_ruleset(state(*BASE[:2], pod("x", "a", "10.0.1.7", app="web"),
+                                       *BASE[3:], p), NODE)
+
+
+def test_duplicate_ips_are_refcounted() -> None:
+    p = NetworkPolicy("x", "p", sel(pod="a"), ING, ingress=(
+        Rule(peers=(Peer(namespace_selector=LabelSelector()),)),))
+    old = pod("y", "old", "10.0.2.1", node="n2")  # terminating pod still holding y/a's IP
+    c = Compiler(NODE)
+    _incremental(c, *BASE, old, p)
+    c.remove_pod(PodKey("y/old"))
+    members = c.ruleset().sets
+    assert "10.0.2.1" in next(iter(members.values())).members

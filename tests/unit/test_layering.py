@@ -9,8 +9,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 FORBIDDEN = {
     "policy": {
-        "controller", "felix_lite", "kubernetes", "pyroute2", "iptc", "subprocess",
-        "socket", "time", "os", "pathlib", "threading", "asyncio", "shutil", "yaml",
+        "controller",
+        "felix_lite",
+        "kubernetes",
+        "pyroute2",
+        "iptc",
+        "subprocess",
+        "socket",
+        "time",
+        "os",
+        "pathlib",
+        "threading",
+        "asyncio",
+        "shutil",
+        "yaml",
     },
     "controller": {"felix_lite", "pyroute2", "iptc", "subprocess"},
 }
@@ -43,8 +55,10 @@ def test_builtins_open_not_used_in_policy() -> None:
     for f in sorted((ROOT / "policy").rglob("*.py")):
         tree = ast.parse(f.read_text())
         calls = [
-            n for n in ast.walk(tree)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Name)
             and n.func.id in {"open", "print", "input", "exec", "eval"}
         ]
         assert not calls, f"{f}: I/O builtin used"

@@ -90,8 +90,13 @@ spec:
   - from:
     - podSelector: {matchLabels: {pod: b}}
 """,
-        NetworkPolicy("x", "x-a-allows-x-b", _sel(pod="a"), frozenset({ING}),
-                      ingress=(Rule(peers=(Peer(pod_selector=_sel(pod="b")),)),)),
+        NetworkPolicy(
+            "x",
+            "x-a-allows-x-b",
+            _sel(pod="a"),
+            frozenset({ING}),
+            ingress=(Rule(peers=(Peer(pod_selector=_sel(pod="b")),)),),
+        ),
     ),
     (
         """
@@ -108,9 +113,21 @@ spec:
         - {key: ns, operator: NotIn, values: ["y"]}
 """,
         NetworkPolicy(
-            "x", "allow-ns-not-y", _sel(pod="a"), frozenset({ING}),
-            ingress=(Rule(peers=(Peer(namespace_selector=LabelSelector(
-                match_expressions=(Requirement("ns", Operator.NOT_IN, ("y",)),))),)),),
+            "x",
+            "allow-ns-not-y",
+            _sel(pod="a"),
+            frozenset({ING}),
+            ingress=(
+                Rule(
+                    peers=(
+                        Peer(
+                            namespace_selector=LabelSelector(
+                                match_expressions=(Requirement("ns", Operator.NOT_IN, ("y",)),)
+                            )
+                        ),
+                    )
+                ),
+            ),
         ),
     ),
     (
@@ -128,12 +145,22 @@ spec:
         - {key: pod, operator: In, values: [c, b, b]}
 """,
         NetworkPolicy(
-            "x", "allow-ns-y-pod-b-c", _sel(pod="a"), frozenset({ING}),
-            ingress=(Rule(peers=(Peer(
-                namespace_selector=_sel(ns="y"),
-                pod_selector=LabelSelector(
-                    match_expressions=(Requirement("pod", Operator.IN, ("b", "c")),)),
-            ),)),),
+            "x",
+            "allow-ns-y-pod-b-c",
+            _sel(pod="a"),
+            frozenset({ING}),
+            ingress=(
+                Rule(
+                    peers=(
+                        Peer(
+                            namespace_selector=_sel(ns="y"),
+                            pod_selector=LabelSelector(
+                                match_expressions=(Requirement("pod", Operator.IN, ("b", "c")),)
+                            ),
+                        ),
+                    )
+                ),
+            ),
         ),
     ),
     (
@@ -151,7 +178,10 @@ spec:
         except: [10.244.1.2/32]
 """,
         NetworkPolicy(
-            "x", "deny-client-a-via-except-cidr-egress-rule", _sel(pod="a"), frozenset({EGR}),
+            "x",
+            "deny-client-a-via-except-cidr-egress-rule",
+            _sel(pod="a"),
+            frozenset({EGR}),
             egress=(Rule(peers=(Peer(ip_block=IPBlock("10.244.0.0/16", ("10.244.1.2/32",))),)),),
         ),
     ),
@@ -166,8 +196,13 @@ spec:
   - ports:
     - port: serve-81-tcp
 """,
-        NetworkPolicy("x", "allow-ingress-on-port-81", _sel(pod="a"), frozenset({ING}),
-                      ingress=(Rule(ports=(PolicyPort(Protocol.TCP, "serve-81-tcp"),)),)),
+        NetworkPolicy(
+            "x",
+            "allow-ingress-on-port-81",
+            _sel(pod="a"),
+            frozenset({ING}),
+            ingress=(Rule(ports=(PolicyPort(Protocol.TCP, "serve-81-tcp"),)),),
+        ),
     ),
     (
         """
@@ -183,12 +218,19 @@ spec:
     - {protocol: SCTP, port: 80}
 """,
         NetworkPolicy(
-            "x", "allow-ingress-port-range", LabelSelector(), frozenset({ING}),
-            ingress=(Rule(ports=(
-                PolicyPort(Protocol.TCP, 80, 81),
-                PolicyPort(Protocol.UDP),
-                PolicyPort(Protocol.SCTP, 80),
-            )),),
+            "x",
+            "allow-ingress-port-range",
+            LabelSelector(),
+            frozenset({ING}),
+            ingress=(
+                Rule(
+                    ports=(
+                        PolicyPort(Protocol.TCP, 80, 81),
+                        PolicyPort(Protocol.UDP),
+                        PolicyPort(Protocol.SCTP, 80),
+                    )
+                ),
+            ),
         ),
     ),
     (
@@ -230,17 +272,26 @@ spec:
       port: 5978
 """,
         NetworkPolicy(
-            "default", "test-network-policy", _sel(role="db"), frozenset({ING, EGR}),
-            ingress=(Rule(
-                peers=(
-                    Peer(ip_block=IPBlock("172.17.0.0/16", ("172.17.1.0/24",))),
-                    Peer(namespace_selector=_sel(project="myproject")),
-                    Peer(pod_selector=_sel(role="frontend")),
+            "default",
+            "test-network-policy",
+            _sel(role="db"),
+            frozenset({ING, EGR}),
+            ingress=(
+                Rule(
+                    peers=(
+                        Peer(ip_block=IPBlock("172.17.0.0/16", ("172.17.1.0/24",))),
+                        Peer(namespace_selector=_sel(project="myproject")),
+                        Peer(pod_selector=_sel(role="frontend")),
+                    ),
+                    ports=(PolicyPort(Protocol.TCP, 6379),),
                 ),
-                ports=(PolicyPort(Protocol.TCP, 6379),),
-            ),),
-            egress=(Rule(peers=(Peer(ip_block=IPBlock("10.0.0.0/24")),),
-                         ports=(PolicyPort(Protocol.TCP, 5978),)),),
+            ),
+            egress=(
+                Rule(
+                    peers=(Peer(ip_block=IPBlock("10.0.0.0/24")),),
+                    ports=(PolicyPort(Protocol.TCP, 5978),),
+                ),
+            ),
         ),
     ),
 ]
@@ -302,18 +353,26 @@ def test_namespace_defaults_and_empty_lists() -> None:
     assert np.key == PolicyKey("default/p")
     assert np.pod_selector == LabelSelector()  # absent podSelector selects all
     assert np.ingress == (Rule(), Rule())
-    assert np.egress == (Rule(peers=(Peer(pod_selector=LabelSelector()),),
-                              ports=(PolicyPort(Protocol.UDP, 53),)),)
+    assert np.egress == (
+        Rule(peers=(Peer(pod_selector=LabelSelector()),), ports=(PolicyPort(Protocol.UDP, 53),)),
+    )
 
 
 def test_protocol_defaults_to_tcp_and_ipv6_is_canonicalised() -> None:
     obj = {
         "kind": "NetworkPolicy",
         "metadata": {"name": "p", "namespace": "x"},
-        "spec": {"podSelector": {}, "ingress": [{
-            "from": [{"ipBlock": {"cidr": "2001:DB8:0:0::1/64", "except": ["2001:db8::/96"]}}],
-            "ports": [{"port": 443}],
-        }]},
+        "spec": {
+            "podSelector": {},
+            "ingress": [
+                {
+                    "from": [
+                        {"ipBlock": {"cidr": "2001:DB8:0:0::1/64", "except": ["2001:db8::/96"]}}
+                    ],
+                    "ports": [{"port": 443}],
+                }
+            ],
+        },
     }
     rule = parse_network_policy(obj).ingress[0]
     assert rule.ports == (PolicyPort(Protocol.TCP, 443),)
@@ -324,10 +383,17 @@ def test_selector_null_vs_empty_in_peers() -> None:
     obj = {
         "kind": "NetworkPolicy",
         "metadata": {"name": "p", "namespace": "x"},
-        "spec": {"podSelector": {}, "ingress": [{"from": [
-            {"namespaceSelector": {}, "podSelector": None},
-            {"podSelector": {}},
-        ]}]},
+        "spec": {
+            "podSelector": {},
+            "ingress": [
+                {
+                    "from": [
+                        {"namespaceSelector": {}, "podSelector": None},
+                        {"podSelector": {}},
+                    ]
+                }
+            ],
+        },
     }
     peers = parse_network_policy(obj).ingress[0].peers
     assert peers[0] == Peer(pod_selector=None, namespace_selector=LabelSelector())
@@ -338,21 +404,33 @@ def test_selector_null_vs_empty_in_peers() -> None:
 
 
 def test_parse_pod_fields() -> None:
-    pod = parse_pod({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "a", "namespace": "x", "labels": {"pod": "a"}},
-        "spec": {
-            "nodeName": "node-1",
-            "containers": [
-                {"name": "c80", "ports": [{"containerPort": 80, "name": "serve-80-tcp"},
-                                          {"containerPort": 80, "protocol": "UDP"}]},
-                {"name": "side"},
-                {"name": "c81", "ports": [{"containerPort": 81, "protocol": "SCTP",
-                                           "name": "serve-81-sctp"}]},
-            ],
-        },
-        "status": {"podIP": "10.244.1.2", "podIPs": [{"ip": "10.244.1.2"}]},
-    })
+    pod = parse_pod(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "a", "namespace": "x", "labels": {"pod": "a"}},
+            "spec": {
+                "nodeName": "node-1",
+                "containers": [
+                    {
+                        "name": "c80",
+                        "ports": [
+                            {"containerPort": 80, "name": "serve-80-tcp"},
+                            {"containerPort": 80, "protocol": "UDP"},
+                        ],
+                    },
+                    {"name": "side"},
+                    {
+                        "name": "c81",
+                        "ports": [
+                            {"containerPort": 81, "protocol": "SCTP", "name": "serve-81-sctp"}
+                        ],
+                    },
+                ],
+            },
+            "status": {"podIP": "10.244.1.2", "podIPs": [{"ip": "10.244.1.2"}]},
+        }
+    )
     assert pod.key == PodKey("x/a")
     assert pod.labels == {"pod": "a"}
     assert (pod.node, pod.ip, pod.host_network) == ("node-1", "10.244.1.2", False)
@@ -365,22 +443,43 @@ def test_parse_pod_fields() -> None:
 
 def test_parse_pod_ip_sources_and_defaults() -> None:
     pending = parse_pod({"kind": "Pod", "metadata": {"name": "p"}, "spec": {}})
-    assert (pending.namespace, pending.ip, pending.node, pending.ports) == ("default", None, None, ())
-    from_ips = parse_pod({"kind": "Pod", "metadata": {"name": "p"},
-                          "status": {"podIPs": [{"ip": "fd00::0:1"}, {"ip": "10.0.0.1"}]}})
+    assert (pending.namespace, pending.ip, pending.node, pending.ports) == (
+        "default",
+        None,
+        None,
+        (),
+    )
+    from_ips = parse_pod(
+        {
+            "kind": "Pod",
+            "metadata": {"name": "p"},
+            "status": {"podIPs": [{"ip": "fd00::0:1"}, {"ip": "10.0.0.1"}]},
+        }
+    )
     assert from_ips.ip == "fd00::1"
-    host = parse_pod({"kind": "Pod", "metadata": {"name": "h"}, "spec": {"hostNetwork": True},
-                      "status": {"podIP": "192.168.0.1"}})
+    host = parse_pod(
+        {
+            "kind": "Pod",
+            "metadata": {"name": "h"},
+            "spec": {"hostNetwork": True},
+            "status": {"podIP": "192.168.0.1"},
+        }
+    )
     assert host.host_network is True and host.ip == "192.168.0.1"
 
 
 def test_parse_namespace_sets_metadata_name_label() -> None:
-    ns = parse_namespace({"apiVersion": "v1", "kind": "Namespace",
-                          "metadata": {"name": "x", "labels": {"ns": "x"}}})
+    ns = parse_namespace(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x", "labels": {"ns": "x"}}}
+    )
     assert ns == Namespace("x", Labels({"ns": "x", "kubernetes.io/metadata.name": "x"}))
     # A user cannot fake it: the apiserver overwrites the label.
-    forged = parse_namespace({"kind": "Namespace", "metadata": {
-        "name": "x", "labels": {"kubernetes.io/metadata.name": "y"}}})
+    forged = parse_namespace(
+        {
+            "kind": "Namespace",
+            "metadata": {"name": "x", "labels": {"kubernetes.io/metadata.name": "y"}},
+        }
+    )
     assert forged.labels["kubernetes.io/metadata.name"] == "x"
 
 
@@ -419,8 +518,12 @@ def test_build_cluster_mixed_stream() -> None:
 
 def test_build_cluster_checks_api_version() -> None:
     objs = [
-        {"apiVersion": "extensions/v1beta1", "kind": "NetworkPolicy",
-         "metadata": {"name": "old", "namespace": "x"}, "spec": {}},
+        {
+            "apiVersion": "extensions/v1beta1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "old", "namespace": "x"},
+            "spec": {},
+        },
         {"kind": "Pod", "metadata": {"name": "a", "namespace": "x"}},
     ]
     state, errors = build_cluster(objs)
@@ -434,16 +537,28 @@ def test_build_cluster_checks_api_version() -> None:
 
 def test_build_cluster_expands_lists() -> None:
     objs = [
-        {"apiVersion": "v1", "kind": "List", "items": [
-            _doc("Namespace", "y"),
-            _doc("Pod", "a", "y"),
-        ]},
-        {"apiVersion": "v1", "kind": "PodList", "items": [
-            {"metadata": {"name": "b", "namespace": "y"}},  # typed list items carry no kind
-        ]},
-        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicyList", "items": [
-            {"metadata": {"name": "p", "namespace": "y"}, "spec": {}},
-        ]},
+        {
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [
+                _doc("Namespace", "y"),
+                _doc("Pod", "a", "y"),
+            ],
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PodList",
+            "items": [
+                {"metadata": {"name": "b", "namespace": "y"}},  # typed list items carry no kind
+            ],
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicyList",
+            "items": [
+                {"metadata": {"name": "p", "namespace": "y"}, "spec": {}},
+            ],
+        },
     ]
     state, errors = build_cluster(objs)
     assert errors == []
@@ -458,8 +573,12 @@ def test_build_cluster_later_documents_replace_earlier() -> None:
         _doc("Pod", "a", "x", status={"podIP": "10.0.0.2"}),
         _doc("NetworkPolicy", "p", "x", spec={"podSelector": {}, "policyTypes": ["Egress"]}),
         # A broken later version is reported; the earlier good one stays.
-        _doc("NetworkPolicy", "p", "x", spec={"podSelector": {}, "ingress": [{"ports": [
-            {"port": -1}]}]}),
+        _doc(
+            "NetworkPolicy",
+            "p",
+            "x",
+            spec={"podSelector": {}, "ingress": [{"ports": [{"port": -1}]}]},
+        ),
     ]
     state, errors = build_cluster(objs)
     assert state.pods[PodKey("x/a")].ip == "10.0.0.2"

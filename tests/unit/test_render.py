@@ -129,6 +129,16 @@ def test_ipset_restore_exact() -> None:
     assert render_ipset_restore(small(), sets=[S1]).count("create ") == 2
 
 
+def test_ipset_restore_fresh_sets_filled_in_place() -> None:
+    text = render_ipset_restore(small(), sets=[S1], fresh=[S1])
+    assert text == (
+        "create fl-sp-1 hash:ip family inet hashsize 1024 maxelem 1048576 -exist\n"
+        "flush fl-sp-1\n"
+        "add fl-sp-1 10.0.0.1\n"
+        "add fl-sp-1 10.0.0.2\n"
+    )
+
+
 def test_ipset_members_normalised_and_deduplicated() -> None:
     spec = IpSetSpec(
         SetName("fl-nb-x"),

@@ -105,3 +105,63 @@ def test_parse_ack_success_error_and_extack() -> None:
     assert plain.errno == errno.EEXIST and plain.message == "File exists"
     ext = _parse_ack(*_ack(-errno.ENETUNREACH, text="Nexthop has invalid gateway"))
     assert (ext.errno, ext.message) == (errno.ENETUNREACH, "Nexthop has invalid gateway")
+
+
+class FakeNetlinkSocket:
+    """Answers each route message with an ack, a few per recv, like the kernel does after
+    a multi-message send; prefixes in `fail` get that errno."""
+
+    def __init__(self, fail: dict[str, int] | None = None, per_recv: int = 7) -> None:
+        self.fail = fail or {}
+        self.per_recv = per_recv
+        self.sends: list[int] = []  # messages per send()
+        self.pending: list[bytes] = []
+
+    def settimeout(self, _t: float | None) -> None:
+        pass
+
+    def getsockopt(self, _level: int, _opt: int) -> int:
+        return 8 << 20
+
+    def send(self, data: bytes) -> int:
+        off = count = 0
+        while off < len(data):
+            length, _mtype, _flags, seq, _ = struct.unpack_from("=IHHII", data, off)
+            dst = parse_route(data[off : off + length])
+            err = self.fail.get(dst.dst, 0) if dst else 0
+            body = struct.pack("=i", -err) + data[off : off + 16]
+            self.pending.append(
+                struct.pack("=IHHII", 16 + len(body), 2, NLM_F_CAPPED, seq, 0) + body
+            )
+            off += (length + 3) & ~3
+            count += 1
+        self.sends.append(count)
+        return len(data)
+
+    def recv_into(self, buf: bytearray) -> int:
+        chunk = b"".join(self.pending[: self.per_recv])
+        del self.pending[: self.per_recv]
+        buf[: len(chunk)] = chunk
+        return len(chunk)
+
+    def close(self) -> None:
+        pass
+
+
+def test_apply_batches_and_maps_acks_to_ops_in_order() -> None:
+    from felix_lite.routes.netlink import NetlinkRoutes
+
+    sock = FakeNetlinkSocket(fail={"10.0.0.7/32": errno.EEXIST, "10.0.0.200/32": errno.ENETUNREACH})
+    nl = NetlinkRoutes(batch=100, socket_factory=lambda _ns: sock)  # type: ignore[arg-type,return-value]
+    ops = [
+        RouteOp(
+            RouteAction.ADD, RouteSpec(dst=f"10.0.{i // 256}.{i % 256}/32", gateway="192.0.2.2")
+        )
+        for i in range(250)
+    ]
+    res = nl.apply(ops, proto=202, table=254)
+    assert sock.sends == [100, 100, 50]
+    assert len(res) == 250
+    bad = {ops[i].route.dst: r.errno for i, r in enumerate(res) if not r.ok}
+    assert bad == {"10.0.0.7/32": errno.EEXIST, "10.0.0.200/32": errno.ENETUNREACH}
+    assert sock.pending == []
