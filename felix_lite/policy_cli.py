@@ -192,6 +192,21 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from felix_lite.dataplane.backend import BackendMode
+    from felix_lite.dataplane.stats import Stats, format_counters
+
+    rows = Stats.detect(BackendMode(args.backend)).counters()
+    if args.json:
+        json.dump([asdict(r) for r in rows], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_counters(rows))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     commands = {
         "render": cmd_render,
@@ -204,7 +219,5 @@ def run(args: argparse.Namespace) -> int:
 
         return run_demo(args)
     if args.policy_command == "stats":
-        from felix_lite.stats_cli import cmd_stats
-
         return cmd_stats(args)
     return commands[args.policy_command](args)

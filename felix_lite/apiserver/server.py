@@ -155,7 +155,7 @@ class ApiServer:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self._fail_lock = threading.Lock()
-        self._fail: list[tuple[int, str | None]] = []
+        self._fail: list[tuple[int, str | None, int | None]] = []
         self.requests = 0  # served API requests, for tests and logs
 
     # ---------------------------------------------------------- lifecycle
@@ -231,21 +231,35 @@ class ApiServer:
 
     # -------------------------------------------------------------- hooks
 
-    def set_fail(self, n: int, code: int = 500, *, path_contains: str | None = None) -> None:
+    def set_fail(
+        self,
+        n: int,
+        code: int = 500,
+        *,
+        path_contains: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         """Answer the next `n` API requests (optionally only those whose path contains
-        `path_contains`) with a Status error `code`; discovery and health are spared."""
+        `path_contains`) with a Status error `code`; discovery and health are spared.
+
+        With `retry_after` the reply carries a Retry-After header, which makes the
+        kubernetes client (like client-go) retry GETs by itself.
+        """
         with self._fail_lock:
-            self._fail = [(code, path_contains)] * n
+            self._fail = [(code, path_contains, retry_after)] * n
 
     def compact(self) -> None:
         self.store.compact()
 
-    def _take_failure(self, path: str) -> int | None:
+    def _take_failure(self, path: str) -> ApiError | None:
         with self._fail_lock:
-            for i, (code, needle) in enumerate(self._fail):
+            for i, (code, needle, retry_after) in enumerate(self._fail):
                 if needle is None or needle in path:
                     del self._fail[i]
-                    return code
+                    err = ApiError(code, _FAIL_REASONS.get(code, "InternalError"),
+                                   f"injected failure ({code})")
+                    err.retry_after = retry_after
+                    return err
         return None
 
     @property
@@ -295,6 +309,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out as separate writes: without NODELAY, Nagle plus the
+        # client's delayed ACK add ~40 ms to every keep-alive request.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.server.conn_lock:
             self.server.connections.add(self.connection)
 
@@ -322,7 +339,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _send_error(self, err: ApiError) -> None:
-        headers = {"Retry-After": "1"} if err.code in (429, 503) else None
+        headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
         self._send_json(err.code, err.status(), headers)
 
     def _read_body(self) -> bytes:
@@ -363,12 +380,12 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "GET" and self._discovery(parts):
                 return
             api = self.server.api
-            code = api._take_failure(url.path)
-            if code is not None:
+            failure = api._take_failure(url.path)
+            if failure is not None:
                 self._read_body()
-                raise ApiError(code, _FAIL_REASONS.get(code, "InternalError"),
-                               f"injected failure ({code})")
-            api.requests += 1
+                raise failure
+            with api._fail_lock:
+                api.requests += 1
             route = self._route(parts)
             if route is None:
                 self._read_body()

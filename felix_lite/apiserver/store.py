@@ -51,6 +51,7 @@ class ApiError(Exception):
         self.reason = reason
         self.message = message
         self.details = details
+        self.retry_after: int | None = None  # seconds, sent as a Retry-After header
 
     def status(self) -> Obj:
         st: Obj = {

@@ -86,7 +86,9 @@ def _status(e: ApiException) -> dict[str, Any]:
     return body
 
 
-def _pod(name: str, *, labels: dict[str, str] | None = None, node: str = "node-1") -> dict[str, Any]:
+def _pod(
+    name: str, *, labels: dict[str, str] | None = None, node: str = "node-1"
+) -> dict[str, Any]:
     return {
         "metadata": {"name": name, "labels": labels or {}},
         "spec": {"nodeName": node, "containers": [{"name": "c", "image": "agnhost",
@@ -118,6 +120,7 @@ def test_discovery(server: ApiServer, api: client.ApiClient) -> None:
     net_res = client.NetworkingV1Api(api).get_api_resources()
     assert [r.name for r in net_res.resources] == ["networkpolicies"]
     code, body = _raw(server, "/apis/felixlite.io/v1alpha1")
+    assert code == 200
     names = {r["name"]: r for r in json.loads(body)["resources"]}
     assert names["bgppeers"]["namespaced"] is False and "bgpconfigurations/status" in names
     assert client.VersionApi(api).get_code().major == "1"
@@ -582,6 +585,7 @@ def test_send_initial_events(server: ApiServer, core: client.CoreV1Api) -> None:
     code, body = _raw(server, "/api/v1/namespaces/default/pods?watch=1&sendInitialEvents=true"
                               "&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan"
                               "&timeoutSeconds=1")
+    assert code == 200
     evs = [json.loads(line) for line in body.decode().splitlines()]
     assert [e["type"] for e in evs[:2]] == ["ADDED", "BOOKMARK"]
     assert evs[1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
@@ -680,6 +684,11 @@ def test_injected_failures(server: ApiServer, core: client.CoreV1Api) -> None:
             core.list_namespace()
         assert ei.value.status == 503 and _status(ei.value)["reason"] == "ServiceUnavailable"
     assert [n.metadata.name for n in core.list_namespace().items] == ["default", "kube-system"]
+    # With Retry-After the client retries a GET by itself, as client-go does.
+    server.set_fail(1, 429, retry_after=1)
+    before = server.requests
+    assert [n.metadata.name for n in core.list_namespace().items] == ["default", "kube-system"]
+    assert server.requests == before + 1
     server.set_fail(1, 500, path_contains="/pods")
     core.list_namespace()
     with pytest.raises(ApiException) as ei:
@@ -737,7 +746,7 @@ def test_restart_losing_state(server: ApiServer, core: client.CoreV1Api) -> None
 def test_state_file_rejects_garbage(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json"):
+    with pytest.raises(ValueError, match=r"bad\.json"):
         Store.load(bad)
     bad.write_text(json.dumps({"format": 99}))
     with pytest.raises(ValueError, match="format"):

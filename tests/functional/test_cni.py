@@ -338,15 +338,24 @@ def wait_listening(ns: str, port: int, *, udp: bool = False) -> None:
 def serve(lab: Lab, ns: str, port: int, reply: str, *, udp: bool = False) -> None:
     """A one-line server in `ns` that answers every connection (or datagram)."""
     proto = "UDP-RECVFROM" if udp else "TCP-LISTEN"
-    lab.start(ns, "socat", "-t5", "-T5", f"{proto}:{port},reuseaddr,fork", f"SYSTEM:echo {reply}")
+    # The shell drains its input: a client write after `echo` exited would
+    # otherwise hit EPIPE and the reply could be lost.
+    lab.start(
+        ns,
+        "socat",
+        "-t5",
+        "-T5",
+        f"{proto}:{port},reuseaddr,fork",
+        f"SYSTEM:echo {reply}; cat >/dev/null",
+    )
     wait_listening(ns, port, udp=udp)
 
 
 def ask(ns: str, ip: str, port: int, *, udp: bool = False) -> str:
     proto = "UDP" if udp else "TCP"
-    got = ns_exec(ns, "sh", "-c", f"echo hi | socat -d -d -t5 -T5 - {proto}:{ip}:{port}", check=False)
-    if not got.stdout.strip():
-        print("ask.failed", ns, ip, port, got.stderr)
+    # UDP has no end of stream: stop waiting 2 s after our datagram went out.
+    wait = "-t2" if udp else "-t5"
+    got = ns_exec(ns, "sh", "-c", f"echo hi | socat {wait} -T5 - {proto}:{ip}:{port}", check=False)
     return got.stdout.strip()
 
 
