@@ -63,11 +63,35 @@ METADATA_NAME_LABEL: Final = "kubernetes.io/metadata.name"
 _ALL: Final = LabelSelector()
 
 
+# First rule of FL-FORWARD and FL-INPUT, before conntrack: a packet from a pod
+# interface must carry that pod's address, so a spoofed packet cannot ride on
+# an existing connection's ESTABLISHED entry either. (Pod egress chains also
+# start with `! -s <ip> -j DROP`, for new connections.)
+ANTI_SPOOF: Final = (
+    f"-i {IFACE_WILDCARD} -m set ! --match-set {names.SET_LOCAL_SOURCES} src,src -j DROP"
+)
+
+
+def _antispoof_set(local: Mapping[str, Mapping[PodKey, Pod]]) -> IpSetSpec:
+    members = frozenset(
+        f"{pod.ip},{names.pod_interface(pod.namespace, pod.name)}"
+        for pods in local.values()
+        for pod in pods.values()
+    )
+    return IpSetSpec(
+        name=names.SET_LOCAL_SOURCES,
+        type=SetType.HASH_NET_IFACE,
+        members=members,
+        description="source address allowed on each local pod interface",
+    )
+
+
 def _fixed_chains() -> dict[ChainName, Chain]:
     w = IFACE_WILDCARD
     forward = Chain(
         names.CHAIN_FORWARD,
         (
+            ANTI_SPOOF,
             f"-i {w} -m conntrack --ctstate INVALID -j DROP",
             f"-o {w} -m conntrack --ctstate INVALID -j DROP",
             f"-i {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -87,6 +111,7 @@ def _fixed_chains() -> dict[ChainName, Chain]:
     inp = Chain(
         names.CHAIN_INPUT,
         (
+            ANTI_SPOOF,
             f"-i {w} -m conntrack --ctstate INVALID -j DROP",
             f"-i {w} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
             f"-i {w} {CLEAR_MARK}",
@@ -806,6 +831,8 @@ class Compiler:
         """The current desired state; work is proportional to what changed."""
         if self._snapshot is not None:
             return self._snapshot
+        if self._dirty_pods or names.SET_LOCAL_SOURCES not in self._set_specs:
+            self._set_specs[names.SET_LOCAL_SOURCES] = _antispoof_set(self._local_by_ns)
         for key in self._dirty_pods:
             if key in self._local_iface:
                 fw, tw = self._pod_chains(key)

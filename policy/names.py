@@ -42,6 +42,7 @@ KIND_POLICY_EGRESS: Final = "PE"
 KIND_SET_PODS: Final = "sp"  # pod IPs selected by a peer selector (hash:ip)
 KIND_SET_NET: Final = "nb"  # an ipBlock with its excepts as nomatch (hash:net)
 KIND_SET_NAMED_PORT: Final = "np"  # ip,proto:port of pods exposing a named port
+KIND_SET_ANTISPOOF: Final = "as"  # ip,iface of every local pod (hash:net,iface)
 
 
 def _digest(identity: str) -> str:
@@ -58,6 +59,10 @@ def set_name(kind: str, identity: str) -> SetName:
     name = f"{SET_PREFIX}{kind}-{_digest(identity)}"
     assert len(name) <= MAX_NAME
     return SetName(name)
+
+
+# The one fixed set: which source address may arrive on which pod interface.
+SET_LOCAL_SOURCES: Final = set_name(KIND_SET_ANTISPOOF, "local-pod-sources")
 
 
 def pod_interface(namespace: str, pod: str) -> str:

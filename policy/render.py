@@ -131,6 +131,14 @@ def normalize_member(set_type: SetType, member: str) -> str:
         return text  # fast path: most members are plain pod IPs
     if set_type is SetType.HASH_IP_PORT and _CANONICAL_IP_PORT.fullmatch(text):
         return text  # fast path: named-port members as the compiler writes them
+    if set_type is SetType.HASH_NET_IFACE:
+        net_text, _, iface = text.partition(",")
+        try:
+            net = ipaddress.IPv4Network(net_text, strict=False)
+        except ValueError:
+            return text
+        addr = str(net.network_address) if net.prefixlen == 32 else str(net)
+        return f"{addr},{iface}"
     try:
         if set_type is SetType.HASH_NET:
             net = ipaddress.IPv4Network(text, strict=False)

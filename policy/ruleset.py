@@ -18,6 +18,7 @@ class SetType(StrEnum):
     HASH_IP = "hash:ip"
     HASH_NET = "hash:net"
     HASH_IP_PORT = "hash:ip,port"
+    HASH_NET_IFACE = "hash:net,iface"
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,9 @@ class Bridge:
             log.info("bridge.connected socket=%s", self._path)
             try:
                 with self._sock_lock:
+                    if self._stop.is_set():  # stdin hit EOF while we were connecting
+                        sock.close()
+                        break
                     while self._buffer:
                         sock.sendall(self._buffer.popleft())
                     self._sock = sock

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 RoutesCallback = Callable[[str, Mapping[str, str], AbstractSet[str]], None]
 """on_routes(peer, announced: {prefix: nexthop}, withdrawn: {prefix})"""
 
+SyncedCallback = Callable[[str, str], None]
+"""on_synced(peer, reason): the peer's table is complete ("eor" or "refresh-end");
+called on the delivery thread after every route received before it was delivered."""
+
 DEFAULT_STALE_TIME = 120.0
 """How long learned routes survive a lost sidecar or a peer without GR settings."""
 
@@ -117,8 +121,11 @@ class Speaker:
         window: int = 8,
         ack_timeout: float = 30.0,
         socket_mode: int = 0o660,
+        on_synced: SyncedCallback | None = None,
     ) -> None:
         self._settings = settings
+        self._on_synced = on_synced
+        self._synced: list[tuple[str, str]] = []
         self._path = socket_path
         self._on_routes = on_routes
         self._clock = clock
@@ -356,6 +363,9 @@ class Speaker:
         if n:
             log.info("bgp.routes.stale_swept peer=%s reason=%s count=%d", peer.address, why, n)
         self._deliver(peer.address, delta)
+        if why in ("eor", "refresh-end") and self._on_synced is not None:
+            self._synced.append((peer.address, why))
+            self._cv.notify_all()
 
     # --- threads ---------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -513,11 +523,15 @@ class Speaker:
     def _deliver_loop(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._stop or bool(self._deliveries))
+                self._cv.wait_for(
+                    lambda: self._stop or bool(self._deliveries) or bool(self._synced)
+                )
                 if self._stop and not self._deliveries:
                     return
                 batch = list(self._deliveries)
                 self._deliveries.clear()
+                synced = list(self._synced)
+                self._synced.clear()
             merged: dict[str, RibDelta] = {}
             for peer, delta in batch:
                 merged[peer] = merge_deltas(merged[peer], delta) if peer in merged else delta
@@ -526,3 +540,9 @@ class Speaker:
                     self._on_routes(peer, dict(delta.announced), set(delta.withdrawn))
                 except Exception:
                     log.exception("bgp.on_routes.failed peer=%s", peer)
+            if self._on_synced is not None:
+                for peer, why in synced:
+                    try:
+                        self._on_synced(peer, why)
+                    except Exception:
+                        log.exception("bgp.on_synced.failed peer=%s", peer)

@@ -142,7 +142,9 @@ def test_fixed_chains_hooks_and_dispatch() -> None:
         ("filter", "FORWARD", "-j FL-FORWARD"),
         ("filter", "INPUT", "-j FL-INPUT"),
     ]
+    anti_spoof = f"-i fl+ -m set ! --match-set {names.SET_LOCAL_SOURCES} src,src -j DROP"
     assert rules(rs, "FL-FORWARD") == (
+        anti_spoof,
         "-i fl+ -m conntrack --ctstate INVALID -j DROP",
         "-o fl+ -m conntrack --ctstate INVALID -j DROP",
         "-i fl+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -154,7 +156,15 @@ def test_fixed_chains_hooks_and_dispatch() -> None:
         "-i fl+ -j ACCEPT",
         "-o fl+ -j ACCEPT",
     )
+    assert rules(rs, "FL-INPUT")[0] == anti_spoof
     assert rules(rs, "FL-INPUT")[-2:] == ("-i fl+ -j FL-FROM-PODS", "-i fl+ -j ACCEPT")
+    # Which source may arrive on which pod interface: local pods only.
+    sources = rs.sets[names.SET_LOCAL_SOURCES]
+    assert sources.type is SetType.HASH_NET_IFACE
+    assert sources.members == {
+        f"{ip},{names.pod_interface(*k.split('/'))}"
+        for k, ip in (("x/a", "10.0.1.1"), ("x/b", "10.0.1.2"), ("y/b", "10.0.2.2"))
+    }
     local = ["x/a", "x/b", "y/b"]
     ifaces = {k: names.pod_interface(*k.split("/")) for k in local}
     prefixes = sorted({i[2] for i in ifaces.values()})
@@ -174,7 +184,7 @@ def test_fixed_chains_hooks_and_dispatch() -> None:
     assert rules(rs, fw("x/a")) == ("! -s 10.0.1.1/32 -j DROP",)
     assert rules(rs, tw("x/a")) == ()
     assert fw("y/a") not in rs.chains and tw("y/a") not in rs.chains
-    assert not rs.sets
+    assert not policy_sets(rs)
     assert not [c for c in rs.chains if c.startswith(("FL-PI-", "FL-PE-"))]
 
 
@@ -362,7 +372,7 @@ def test_sets_shared_and_policies_without_local_pods_contribute_nothing() -> Non
     )
     rs = compile_ruleset(state(*BASE, p1, p2, remote_only), NODE)
     assert set_of(rs, rules(rs, pi("x/one"))[0]) == set_of(rs, rules(rs, pi("x/two"))[0])
-    assert len(rs.sets) == 1
+    assert len(policy_sets(rs)) == 1
     assert pi("y/r") not in rs.chains
 
 
@@ -433,6 +443,11 @@ def _in_set(rs: Ruleset, name: str, pkt: Packet, flags: str) -> bool:
     return best is not None and not best[1]
 
 
+def policy_sets(rs: Ruleset) -> dict[names.SetName, object]:
+    """The ruleset's sets other than the fixed anti-spoof set."""
+    return {n: s for n, s in rs.sets.items() if n != names.SET_LOCAL_SOURCES}
+
+
 def _iface(spec: str, actual: str | None) -> bool:
     if actual is None:
         return False
@@ -461,6 +476,12 @@ def _matches(rs: Ruleset, tokens: list[str], pkt: Packet, mark: int) -> bool:
             if not int(lo) <= pkt.dport <= int(hi or lo):
                 return False
             i += 4
+        elif t == "-m" and tokens[i + 1] == "set" and tokens[i + 2] == "!":
+            # `! --match-set S src,src`: the (source, in-interface) pair is not in S
+            assert tokens[i + 3] == "--match-set" and tokens[i + 5] == "src,src"
+            if f"{pkt.src},{pkt.iif}" in rs.sets[names.SetName(tokens[i + 4])].members:
+                return False
+            i += 6
         elif t == "-m" and tokens[i + 1] == "set":
             assert tokens[i + 2] == "--match-set"
             if not _in_set(rs, tokens[i + 3], pkt, tokens[i + 4]):
@@ -829,7 +850,8 @@ def test_policy_rules_change_while_selected() -> None:
     c.set_policy(p2)
     second = c.ruleset()
     assert second == compile_ruleset(state(*BASE, p2), NODE)
-    assert set(first.sets).isdisjoint(second.sets) and len(second.sets) == 1
+    assert set(policy_sets(first)).isdisjoint(policy_sets(second))
+    assert len(policy_sets(second)) == 1
     assert rules(second, pi("x/p")) != rules(first, pi("x/p"))
     c.set_policy(p1)
     assert c.ruleset() == first
@@ -840,10 +862,11 @@ def test_local_pod_leaving_retires_policy_and_sets() -> None:
     p = NetworkPolicy("x", "p", sel(pod="a"), BOTH, egress=(
         Rule(ports=(PolicyPort(Protocol.TCP, "http"),)),))
     _incremental(c, *BASE, p)
-    assert pe("x/p") in c.ruleset().chains and len(c.ruleset().sets) == 1
+    assert pe("x/p") in c.ruleset().chains and len(policy_sets(c.ruleset())) == 1
     c.set_pod(pod("x", "a", "10.0.1.1", node="n2"))  # moved away (as a new incarnation would)
     rs = c.ruleset()
-    assert pe("x/p") not in rs.chains and not rs.sets and fw("x/a") not in rs.chains
+    assert pe("x/p") not in rs.chains and not policy_sets(rs)
+    assert fw("x/a") not in rs.chains
     c.set_pod(pod("x", "a", "10.0.1.7", app="web"))
     rs = c.ruleset()
     assert rules(rs, fw("x/a"))[0] == "! -s 10.0.1.7/32 -j DROP"
@@ -858,5 +881,5 @@ def test_duplicate_ips_are_refcounted() -> None:
     c = Compiler(NODE)
     _incremental(c, *BASE, old, p)
     c.remove_pod(PodKey("y/old"))
-    members = c.ruleset().sets
-    assert "10.0.2.1" in next(iter(members.values())).members
+    members = policy_sets(c.ruleset())
+    assert "10.0.2.1" in next(iter(members.values())).members  # type: ignore[attr-defined]

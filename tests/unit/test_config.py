@@ -58,7 +58,7 @@ def test_load_config_file_and_node_name_from_env(tmp_path: Path) -> None:
     cfg = load_config(f, env={"NODE_NAME": "node-3"})
     assert (cfg.iptables_backend, cfg.node_name) == ("legacy", "node-3")
     assert load_config(None, env={}).node_name == ""
-    with pytest.raises(ConfigError, match="no-such.yaml"):
+    with pytest.raises(ConfigError, match=r"no-such\.yaml"):
         load_config(tmp_path / "no-such.yaml", env={})
     (tmp_path / "bad.yaml").write_text("a: [")
     with pytest.raises(ConfigError, match="not valid YAML"):
