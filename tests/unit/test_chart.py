@@ -81,7 +81,6 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                 {"peerIP": "10.0.1.254", "asNumber": 65011, "node": "worker-1"},
             ]
         },
-        "rbac": {"secretNames": ["bgp-rr-password"]},
     },
     "nft-backend": {"iptablesBackend": "nft", "logLevel": "debug", "resyncSeconds": 30},
     "service-monitor": {
@@ -456,19 +455,18 @@ def test_cluster_role_is_least_privilege(chart: Any) -> None:
     assert not any(r == "secrets" for _, r in reads)
 
 
-def test_secrets_only_by_name_in_the_release_namespace(chart: Any) -> None:
-    assert not [d for d in manifests(chart, {}) if d["kind"] in ("Role", "RoleBinding")]
-    docs = manifests(chart, SCENARIOS["md5-from-secret"])
-    role = one(docs, "Role")
-    assert role["metadata"]["namespace"] == NAMESPACE
-    assert role["rules"] == [
-        {
-            "apiGroups": [""],
-            "resources": ["secrets"],
-            "resourceNames": ["bgp-passwords", "bgp-rr-password"],
-            "verbs": ["get", "list", "watch"],
-        }
-    ]
+def test_secrets_only_in_the_release_namespace(chart: Any) -> None:
+    # BGPPeers applied after install may name any Secret of the release namespace,
+    # and the agent watches that namespace's Secrets: a Role there, never a ClusterRole.
+    for values in ({}, SCENARIOS["md5-from-secret"]):
+        docs = manifests(chart, values)
+        role = one(docs, "Role")
+        assert role["metadata"]["namespace"] == NAMESPACE
+        assert role["rules"] == [
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}
+        ]
+        cluster_role = one(docs, "ClusterRole")
+        assert all("secrets" not in r["resources"] for r in cluster_role["rules"])
     binding = one(docs, "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"][0]["namespace"] == NAMESPACE

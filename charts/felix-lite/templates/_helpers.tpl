@@ -34,17 +34,3 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/* Shared emptyDir between the agent and the ExaBGP sidecar: socket + exabgp.conf. */}}
 {{- define "felix-lite.runDir" -}}/var/run/felix-lite{{- end -}}
-
-{{/* Secret names the agent may read: peers' passwordSecretRef plus rbac.secretNames. */}}
-{{- define "felix-lite.secretNames" -}}
-{{- $names := list -}}
-{{- range .Values.bgp.peers -}}
-{{- if .passwordSecretRef -}}
-{{- $names = append $names .passwordSecretRef.name -}}
-{{- end -}}
-{{- end -}}
-{{- range .Values.rbac.secretNames -}}
-{{- $names = append $names . -}}
-{{- end -}}
-{{- $names | uniq | sortAlpha | toJson -}}
-{{- end -}}
