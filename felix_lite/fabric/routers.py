@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -390,38 +391,33 @@ class BirdRouter(_Base):
 
 
 class FrrRouter(_Base):
+    """zebra + bgpd. They run as user `frr`, which cannot enter a 0700 test
+    directory, so their files live in a private run directory under /tmp owned
+    by `frr` (logs are copied to `workdir` on stop)."""
+
     kind = RouterKind.FRR
 
     def __post_init__(self) -> None:
-        self.vty_dir = self.workdir / "vty"
-        self.zsock = str(self.workdir / "zserv.api")
+        self.rundir = Path("/nonexistent")
+
+    @property
+    def vty_dir(self) -> Path:
+        return self.rundir / "vty"
+
+    @property
+    def zsock(self) -> str:
+        return str(self.rundir / "zserv.api")
 
     def _daemon(self, name: str, conf: Path) -> int:
-        pidfile = self.workdir / f"{name}.pid"
-        with contextlib.suppress(FileNotFoundError):
-            pidfile.unlink()
+        pidfile = self.rundir / f"{name}.pid"
         _run(
             [
-                "ip",
-                "netns",
-                "exec",
-                self.netns,
-                str(FRR_DIR / name),
-                "-d",
-                "-f",
-                str(conf),
-                "-i",
-                str(pidfile),
-                "-z",
-                self.zsock,
-                "--vty_socket",
-                str(self.vty_dir),
-                "-P",
-                "0",
-                "--log",
-                f"file:{self.workdir / (name + '.log')}",
+                "ip", "netns", "exec", self.netns, str(FRR_DIR / name), "-d",
+                "-f", str(conf), "-i", str(pidfile), "-z", self.zsock,
+                "--vty_socket", str(self.vty_dir), "-P", "0",
+                "--log", f"file:{self.rundir / (name + '.log')}",
             ]
-        )
+        )  # fmt: skip
         _wait(
             lambda: pidfile.exists() and pidfile.read_text().strip() != "",
             10,
@@ -433,14 +429,15 @@ class FrrRouter(_Base):
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.vty_dir.mkdir(exist_ok=True)
-        for d in (self.workdir, self.vty_dir):
+        self.rundir = Path(tempfile.mkdtemp(prefix=f"{self.netns}-frr-"))
+        self.vty_dir.mkdir()
+        for d in (self.rundir, self.vty_dir):
             shutil.chown(d, "frr", "frr")
         self._install_static_in_kernel()
-        zconf = self.workdir / "zebra.conf"
+        zconf = self.rundir / "zebra.conf"
         zconf.write_text("hostname tor\n!\n")
-        bconf = self.workdir / "bgpd.conf"
-        bconf.write_text(render_frr(self.config, log_path=str(self.workdir / "bgpd.log")))
+        bconf = self.rundir / "bgpd.conf"
+        bconf.write_text(render_frr(self.config, log_path=str(self.rundir / "bgpd.log")))
         for f in (zconf, bconf):
             shutil.chown(f, "frr", "frr")
         self._daemon("zebra", zconf)
@@ -449,6 +446,11 @@ class FrrRouter(_Base):
 
     def stop(self) -> None:
         self._stop_pids()
+        if self.rundir.is_dir():
+            for f in self.rundir.glob("*.log"):
+                with contextlib.suppress(OSError):
+                    shutil.copy(f, self.workdir / f.name)
+            shutil.rmtree(self.rundir, ignore_errors=True)
 
     def vtysh(self, command: str) -> str:
         return _run(["vtysh", "--vty_socket", str(self.vty_dir), "-c", command])
@@ -507,8 +509,9 @@ class GobgpRouter(_Base):
         _wait(self._api_up, 15, f"gobgpd {self.netns} api")
         self._install_static_in_kernel()
         for r in self.config.static:
-            nh = r.via or "0.0.0.0"
-            self.gobgp("global", "rib", "add", r.prefix, "nexthop", nh)
+            # next hop self: the kernel route above forwards; a third-party next hop
+            # (r.via) would be passed on to nodes that cannot reach it
+            self.gobgp("global", "rib", "add", r.prefix, "nexthop", "0.0.0.0")
         if self.config.install_routes:
             self._start_feed()
 

@@ -352,7 +352,13 @@ class FabricLab:
         node = self.nodes[name]
         settings = self.settings.get(name) or self.node_settings(name)
         self.settings[name] = settings
-        agent = NodeRouting(settings, node.socket_path, netns=node.netns, settle=self.spec.settle)
+        agent = NodeRouting(
+            settings,
+            node.socket_path,
+            netns=node.netns,
+            settle=self.spec.settle,
+            sync_timeout=self.spec.sync_timeout,
+        )
         agent.start()
         agent.set_local_pods(self.local_pods(name))
         self.agents[name] = agent
