@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(p)
     p.add_argument("--port", type=int, default=80)
     p.add_argument("--policies", default=None, metavar="DIR", help="default: examples/policies")
+
+    from felix_lite import agent, lab
+    from felix_lite.fabric import sidecar
+
+    agent.register(sub)
+    lab.register(sub)
+    sidecar.register(sub)
     return parser
 
 

@@ -36,6 +36,24 @@ def _report(errors: list[PolicyError]) -> None:
         print(f"rejected: {err}", file=sys.stderr)
 
 
+def _kindless(objs: list[dict[str, Any]]) -> list[str]:
+    """Objects without a usable `kind`: kubectl refuses them ("kind not set"),
+    and ignoring them silently would hide a policy that is never enforced."""
+    out: list[str] = []
+    for obj in objs:
+        kind = obj.get("kind")
+        if isinstance(kind, str) and kind:
+            continue
+        meta = obj.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        ref = "/".join(str(meta[k]) for k in ("namespace", "name") if meta.get(k) is not None)
+        what = "required" if kind is None or kind == "" else "must be a string"
+        out.append(f"rejected: object {ref or '<unnamed>'}: kind: {what}")
+    for line in out:
+        print(line, file=sys.stderr)
+    return out
+
+
 def load_state(files: list[str]) -> tuple[ClusterState, list[PolicyError], list[dict[str, Any]]]:
     objs = load_objects(files)
     state, errors = build_cluster(objs)
@@ -102,8 +120,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     from policy import render
     from policy.compiler import compile_ruleset
 
-    state, errors, _ = load_state(args.files)
+    state, errors, objs = load_state(args.files)
     _report(errors)
+    kindless = _kindless(objs)
     ruleset = compile_ruleset(state, args.node)
     if args.format == "json":
         json.dump(_ruleset_json(ruleset), sys.stdout, indent=2)
@@ -115,7 +134,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         sys.stdout.write(render.render_iptables_restore(ruleset, hook_inserts=ruleset.hooks))
     else:
         sys.stdout.write(render.render_human(ruleset))
-    return 1 if errors else 0
+    return 1 if errors or kindless else 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -128,6 +147,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else _default_state_dir()
     state, errors, _ = _with_last_good(objs, errors, state_dir)
     _report(errors)
+    kindless = _kindless(objs)
     ruleset = compile_ruleset(state, args.node)
     result = Dataplane(backend=BackendMode(args.backend)).apply(ruleset)
     local = sum(
@@ -139,15 +159,23 @@ def cmd_apply(args: argparse.Namespace) -> int:
         f"written: chains={len(result.chains_written)} sets={len(result.sets_written)} "
         f"removed: chains={len(result.chains_removed)} sets={len(result.sets_removed)}"
     )
-    return 1 if errors else 0
+    return 1 if errors or kindless else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from policy.evaluate import endpoint_for, evaluate, explain_text
     from policy.model import Protocol
 
-    state, errors, _ = load_state(args.files)
+    if not 1 <= args.port <= 65535:
+        print(
+            f"felix-lite policy explain: error: --port {args.port}: "
+            "must be between 1 and 65535, inclusive",
+            file=sys.stderr,
+        )
+        return 2
+    state, errors, objs = load_state(args.files)
     _report(errors)
+    kindless = _kindless(objs)
     src = endpoint_for(state, args.src)
     dst = endpoint_for(state, args.dst)
     verdict = evaluate(state, src, dst, port=args.port, protocol=Protocol(args.protocol.upper()))
@@ -180,7 +208,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(explain_text(verdict, state).rstrip("\n") + "\n")
-    return 0
+    # As render and apply: the verdict is printed, but a rejected object means
+    # it may not be the verdict the user expects.
+    return 1 if errors or kindless else 0
 
 
 def cmd_flush(args: argparse.Namespace) -> int:

@@ -70,6 +70,18 @@ _PROTOCOLS = {p.value: p for p in Protocol}
 _POLICY_TYPES = {t.value: t for t in PolicyType}
 
 
+_SHOWN_MAX = 64
+
+
+def _shown(value: object) -> str:
+    """`repr` for error messages, cut short: a hostile 1 MB label value must
+    not turn into a 1 MB error line."""
+    if isinstance(value, str) and len(value) > _SHOWN_MAX:
+        return f"{value[:_SHOWN_MAX]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= 2 * _SHOWN_MAX else f"{text[: 2 * _SHOWN_MAX]}..."
+
+
 # --------------------------------------------------------------------------
 # Field-level checks: each returns an error message or None.
 
@@ -101,19 +113,19 @@ def label_key_error(key: str) -> str | None:
     prefix, sep, name = key.rpartition("/")
     if sep:
         if "/" in prefix:
-            return f"invalid label key {key!r}: at most one '/' allowed"
+            return f"invalid label key {_shown(key)}: at most one '/' allowed"
         if not prefix:
-            return f"invalid label key {key!r}: prefix part must be non-empty"
+            return f"invalid label key {_shown(key)}: prefix part must be non-empty"
         why = _dns_subdomain_error(prefix)
         if why is not None:
-            return f"invalid label key {key!r}: prefix part {why}"
+            return f"invalid label key {_shown(key)}: prefix part {why}"
     if not name:
-        return f"invalid label key {key!r}: name part must be non-empty"
+        return f"invalid label key {_shown(key)}: name part must be non-empty"
     if len(name) > 63:
-        return f"invalid label key {key!r}: name part must be no more than 63 characters"
+        return f"invalid label key {_shown(key)}: name part must be no more than 63 characters"
     if not _QUALIFIED_NAME.fullmatch(name):
         return (
-            f"invalid label key {key!r}: name part must consist of alphanumerics, '-', '_' "
+            f"invalid label key {_shown(key)}: name part must consist of alphanumerics, '-', '_' "
             "or '.', starting and ending with an alphanumeric"
         )
     return None
@@ -122,10 +134,10 @@ def label_key_error(key: str) -> str | None:
 def label_value_error(value: str) -> str | None:
     """Why `value` is not a valid label value, or None."""
     if len(value) > 63:
-        return f"invalid label value {value!r}: must be no more than 63 characters"
+        return f"invalid label value {_shown(value)}: must be no more than 63 characters"
     if not _LABEL_VALUE.fullmatch(value):
         return (
-            f"invalid label value {value!r}: must be empty or consist of alphanumerics, '-', "
+            f"invalid label value {_shown(value)}: must be empty or consist of alphanumerics, '-', "
             "'_' or '.', starting and ending with an alphanumeric"
         )
     return None
@@ -134,15 +146,15 @@ def label_value_error(value: str) -> str | None:
 def port_name_error(name: str) -> str | None:
     """Why `name` is not an IANA_SVC_NAME (RFC 6335), or None."""
     if len(name) > 15:
-        return f"invalid port name {name!r}: must be no more than 15 characters"
+        return f"invalid port name {_shown(name)}: must be no more than 15 characters"
     if not _PORT_NAME_CHARS.fullmatch(name):
-        return f"invalid port name {name!r}: must contain only a-z, 0-9 and '-'"
+        return f"invalid port name {_shown(name)}: must contain only a-z, 0-9 and '-'"
     if "--" in name:
-        return f"invalid port name {name!r}: must not contain consecutive hyphens"
+        return f"invalid port name {_shown(name)}: must not contain consecutive hyphens"
     if not _HAS_LETTER.search(name):
-        return f"invalid port name {name!r}: must contain at least one letter (a-z)"
+        return f"invalid port name {_shown(name)}: must contain at least one letter (a-z)"
     if name.startswith("-") or name.endswith("-"):
-        return f"invalid port name {name!r}: must not begin or end with a hyphen"
+        return f"invalid port name {_shown(name)}: must not begin or end with a hyphen"
     return None
 
 
@@ -166,7 +178,7 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str
     Requires an explicit prefix length (Go's ParseCIDR does), tolerates host
     bits and IPv4 leading zeros (masked/normalised, as the apiserver does)."""
     addr, sep, plen = text.partition("/")
-    bad = f"invalid CIDR {text!r}: must be like 10.9.8.0/24 or 2001:db8::/64"
+    bad = f"invalid CIDR {_shown(text)}: must be like 10.9.8.0/24 or 2001:db8::/64"
     if not sep or not _DIGITS.fullmatch(plen) or "%" in addr:
         return bad
     try:
@@ -177,7 +189,7 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str
     if bits > ip.max_prefixlen:
         return bad
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return f"invalid CIDR {text!r}: must not have an IPv4-mapped IPv6 address"
+        return f"invalid CIDR {_shown(text)}: must not have an IPv4-mapped IPv6 address"
     return ipaddress.ip_network(f"{ip}/{bits}", strict=False)
 
 
@@ -247,7 +259,7 @@ class _Reader:
             if not isinstance(k, str):
                 self.error(path, f"keys must be strings, not {_type_name(k)}")
                 continue
-            kpath = f"{path}[{k}]"
+            kpath = f"{path}[{k if len(k) <= _SHOWN_MAX else k[:_SHOWN_MAX] + '...'}]"
             why = label_key_error(k)
             if why is not None:
                 self.error(kpath, why)
@@ -294,7 +306,7 @@ class _Reader:
             if op is None:
                 self.error(
                     f"{path}.operator",
-                    f"unsupported operator {s!r}: must be In, NotIn, Exists or DoesNotExist",
+                    f"unsupported operator {_shown(s)}: must be In, NotIn, Exists or DoesNotExist",
                 )
         values: list[str] = []
         raw_values = self.seq(m.get("values"), f"{path}.values")
@@ -359,13 +371,13 @@ def _metadata(r: _Reader, obj: Mapping[str, Any], *, name_rule: str) -> Mapping[
     elif (s := r.string(name, "metadata.name")) is not None:
         why = _dns_label_error(s) if name_rule == "label" else _dns_subdomain_error(s)
         if why is not None:
-            r.error("metadata.name", f"invalid name {s!r}: {why}")
+            r.error("metadata.name", f"invalid name {_shown(s)}: {why}")
     if r.namespace is not None:
         ns = meta.get("namespace")
         if ns is not None and ns != "" and (s := r.string(ns, "metadata.namespace")) is not None:
             why = _dns_label_error(s)
             if why is not None:
-                r.error("metadata.namespace", f"invalid namespace {s!r}: {why}")
+                r.error("metadata.namespace", f"invalid namespace {_shown(s)}: {why}")
     return meta
 
 
@@ -386,7 +398,9 @@ def _read_ports(r: _Reader, value: Any, path: str) -> tuple[PolicyPort, ...]:
         if raw_proto is not None and (s := r.string(raw_proto, f"{p}.protocol")) is not None:
             proto = _PROTOCOLS.get(s)
             if proto is None:
-                r.error(f"{p}.protocol", f"unsupported protocol {s!r}: must be TCP, UDP or SCTP")
+                r.error(
+                    f"{p}.protocol", f"unsupported protocol {_shown(s)}: must be TCP, UDP or SCTP"
+                )
             else:
                 protocol = proto
         raw_port = m.get("port")
@@ -451,7 +465,7 @@ def _read_ip_block(r: _Reader, value: Any, path: str) -> IPBlock | None:
         if enet.version != net.version or not (
             enet.network_address in net and enet.prefixlen > net.prefixlen
         ):
-            r.error(ep, f"{et!r} must be a strict subset of cidr {str(net)!r}")
+            r.error(ep, f"{_shown(et)} must be a strict subset of cidr {str(net)!r}")
             continue
         excepts.append(str(enet))
     if len(r.errors) != before:
@@ -509,9 +523,9 @@ def _read_policy_types(r: _Reader, value: Any, path: str) -> list[PolicyType] | 
             continue
         t = _POLICY_TYPES.get(s)
         if t is None:
-            r.error(f"{path}[{i}]", f"unsupported value {s!r}: must be Ingress or Egress")
+            r.error(f"{path}[{i}]", f"unsupported value {_shown(s)}: must be Ingress or Egress")
         elif t in seen:
-            r.error(f"{path}[{i}]", f"duplicate value {s!r}")
+            r.error(f"{path}[{i}]", f"duplicate value {_shown(s)}")
         else:
             seen.append(t)
     return seen
@@ -592,7 +606,8 @@ def _container_ports(r: _Reader, spec: Mapping[str, Any]) -> tuple[ContainerPort
                 proto = _PROTOCOLS.get(s)
                 if proto is None:
                     r.error(
-                        f"{p}.protocol", f"unsupported protocol {s!r}: must be TCP, UDP or SCTP"
+                        f"{p}.protocol",
+                        f"unsupported protocol {_shown(s)}: must be TCP, UDP or SCTP",
                     )
                 else:
                     protocol = proto
@@ -624,7 +639,7 @@ def _pod_ip(r: _Reader, status: Mapping[str, Any]) -> str | None:
         return None
     ip = _parse_ip(text)
     if ip is None:
-        r.error(path, f"invalid IP address {text!r}")
+        r.error(path, f"invalid IP address {_shown(text)}")
     return ip
 
 
@@ -756,7 +771,7 @@ def build_cluster(
                     ns,
                     name,
                     field="apiVersion",
-                    message=f"unsupported apiVersion {api_version!r} for {kind}: "
+                    message=f"unsupported apiVersion {_shown(api_version)} for {kind}: "
                     f"must be {_API_VERSIONS[kind]}",
                 )
             )

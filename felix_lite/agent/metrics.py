@@ -81,9 +81,9 @@ class _Pulled(Collector):
                 "Relists after the first (410 Gone, periodic resync), per kind.",
                 labels=["kind"],
             )
-            for kind, c in sorted(self._informers().items()):
-                restarts.add_metric([kind], c.get("restarts", 0))
-                relists.add_metric([kind], c.get("relists", 0))
+            for kind, counts in sorted(self._informers().items()):
+                restarts.add_metric([kind], counts.get("restarts", 0))
+                relists.add_metric([kind], counts.get("relists", 0))
             yield restarts
             yield relists
         if self._invalid is not None:

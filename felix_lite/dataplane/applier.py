@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -231,6 +232,7 @@ class Dataplane:
         chains_remove = sorted(set(current) - set(ruleset.chains))
 
         restore_lines = 0
+        ipset_job: _Job | None = None
         if sets_write:
             t = self._clock()
             delta = {
@@ -243,20 +245,27 @@ class Dataplane:
                 ruleset, sets=full, fresh=[n for n in full if n not in kernel_sets]
             ) if full else ""
             text += "".join(_delta_lines(n, old, wanted[n]) for n, old in sorted(delta.items()))
-            self._ipset_restore(text)
-            self._set_cache.update({n: wanted[n] for n in sets_write})
-            timings["ipset"] = self._clock() - t
+            # The ipset process runs while this thread renders the iptables payload
+            # (the kernel tool and Python overlap on two cores); the iptables
+            # transaction still starts only after the sets exist.
+            ipset_job = _Job(lambda: self._ipset_restore(text))
+        ipt_text = ""
         if chains_write or chains_remove or hooks_fixed:
-            t = self._clock()
-            text = render_iptables_restore(
+            ipt_text = render_iptables_restore(
                 ruleset,
                 chains=[ChainName(n) for n in chains_write],
                 remove=[ChainName(n) for n in chains_remove],
                 hook_inserts=hook_inserts,
                 hook_deletes=hook_deletes,
             )
-            restore_lines = text.count("\n")
-            self._iptables_restore(text)
+        if ipset_job is not None:
+            ipset_job.wait()
+            self._set_cache.update({n: wanted[n] for n in sets_write})
+            timings["ipset"] = self._clock() - t
+        if ipt_text:
+            t = self._clock()
+            restore_lines = ipt_text.count("\n")
+            self._iptables_restore(ipt_text)
             timings["iptables"] = self._clock() - t
         if sets_remove:
             t = self._clock()
@@ -413,6 +422,27 @@ def _check_names(ruleset: Ruleset) -> None:
     for h in ruleset.hooks:
         if h.table != "filter" or is_ours_chain(h.chain):
             raise ValueError(f"hook {h.table}/{h.chain}: chain: must be a kernel filter chain")
+
+
+class _Job:
+    """Runs `fn` on a thread; `wait()` joins it and re-raises its exception."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._exc: BaseException | None = None
+
+        def body() -> None:
+            try:
+                fn()
+            except BaseException as e:  # re-raised in wait()
+                self._exc = e
+
+        self._thread = threading.Thread(target=body, name="ipset-restore", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._exc is not None:
+            raise self._exc
 
 
 def _delta_ok(old: SetContent | None, new: SetContent) -> bool:

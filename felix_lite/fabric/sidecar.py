@@ -1,11 +1,16 @@
 """`felix-lite bgp sidecar` and `felix-lite bgp render`.
 
-The chart's `exabgp` container runs `felix-lite bgp sidecar --config-dir DIR`:
-the agent renders `exabgp.conf` and `exabgp.env` into DIR (a shared emptyDir)
-from BGPPeer/BGPConfiguration, and the sidecar waits for both, then *execs*
-ExaBGP, so ExaBGP is PID 1 of the container and the kubelet restarts it when
-it dies (graceful restart keeps the routes meanwhile). It never runs inside
-the agent: a stuck ExaBGP cannot stall the dataplane, and vice versa.
+The chart's `exabgp` container runs `felix-lite bgp sidecar --config FILE`
+(the agent's settings: `bgp.exabgpConfigDir`) or `--config-dir DIR`: the agent
+renders `exabgp.conf` and `exabgp.env` into DIR (a shared emptyDir) from
+BGPPeer/BGPConfiguration; the sidecar waits for both, starts ExaBGP and
+supervises it: when the agent re-renders the files (a peer added, removed or
+changed) it sends ExaBGP SIGUSR1, ExaBGP's own configuration reload, so
+sessions that did not change stay up; when ExaBGP dies it is started again
+(graceful restart keeps the peers' routes meanwhile), and after too many deaths
+in a row the sidecar exits non-zero so the kubelet restarts the container.
+SIGTERM is passed on. ExaBGP never runs inside the agent: a stuck ExaBGP cannot
+stall the dataplane, and vice versa.
 
 `felix-lite bgp render` does the agent's rendering from a small YAML/JSON
 settings file, for operators and for the lab.
@@ -17,7 +22,10 @@ import argparse
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -138,9 +146,104 @@ def render_to(settings: BgpSettings, out_dir: Path, *, socket_path: str) -> list
     return written
 
 
+def _fingerprint(paths: Sequence[Path]) -> bytes:
+    out = b""
+    for p in paths:
+        try:
+            out += p.read_bytes() + b"\0"
+        except OSError:
+            out += b"missing\0"
+    return out
+
+
+class Supervisor:
+    """Runs ExaBGP as a child: reload on config change, restart on death."""
+
+    def __init__(
+        self,
+        config_dir: Path,
+        *,
+        exabgp: str = "exabgp",
+        poll: float = 1.0,
+        max_deaths: int = 5,
+        death_window: float = 60.0,
+        popen: Callable[..., subprocess.Popen[bytes]] = subprocess.Popen,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config_dir = config_dir
+        self.exabgp = exabgp
+        self.poll = poll
+        self.max_deaths = max_deaths
+        self.death_window = death_window
+        self._popen = popen
+        self._clock = clock
+        self._stop = threading.Event()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.reloads = 0
+        self.starts = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _start(self, conf: Path, env: Path) -> None:
+        argv = sidecar_argv(conf, env, exabgp=self.exabgp)
+        log.info("fabric.sidecar.start argv=%s", " ".join(argv))
+        self.proc = self._popen(argv)
+        self.starts += 1
+
+    def run(self, *, timeout: float = 300.0) -> int:
+        conf, env = wait_for_config(self.config_dir, timeout=timeout)
+        seen = _fingerprint((conf, env))
+        self._start(conf, env)
+        deaths: list[float] = []
+        try:
+            while not self._stop.wait(self.poll):
+                assert self.proc is not None
+                rc = self.proc.poll()
+                if rc is not None:
+                    now = self._clock()
+                    deaths = [t for t in deaths if now - t < self.death_window] + [now]
+                    log.warning("fabric.sidecar.exabgp.died rc=%s deaths=%d", rc, len(deaths))
+                    if len(deaths) >= self.max_deaths:
+                        log.error(
+                            "fabric.sidecar.giving-up deaths=%d window_s=%.0f",
+                            len(deaths), self.death_window,
+                        )
+                        return 1
+                    seen = _fingerprint((conf, env))
+                    self._start(conf, env)
+                    continue
+                now_fp = _fingerprint((conf, env))
+                if now_fp != seen:
+                    seen = now_fp
+                    self.reloads += 1
+                    log.info("fabric.sidecar.reload pid=%d", self.proc.pid)
+                    self.proc.send_signal(signal.SIGUSR1)
+            return 0
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+
+
+def _config_dir(args: argparse.Namespace) -> Path:
+    if args.config:
+        from felix_lite.config import load_config
+
+        return Path(load_config(args.config).bgp.exabgp_config_dir)
+    return Path(args.config_dir)
+
+
 def _cmd_sidecar(args: argparse.Namespace) -> int:
+    sup = Supervisor(_config_dir(args), exabgp=args.exabgp)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sup.stop())
     try:
-        run_sidecar(Path(args.config_dir), timeout=args.timeout, exabgp=args.exabgp)
+        return sup.run(timeout=args.timeout)
     except SidecarTimeout as e:
         print(f"felix-lite: error: {e}", file=sys.stderr)
         return 1
@@ -165,7 +268,11 @@ def register(subparsers: Any) -> None:
     """Add `bgp sidecar` and `bgp render` to felix-lite's CLI (`handler` per command)."""
     bgp = subparsers.add_parser("bgp", help="ExaBGP sidecar: wait+exec, render its config")
     sub = bgp.add_subparsers(dest="bgp_command", required=True)
-    p = sub.add_parser("sidecar", help="wait for the agent-rendered exabgp.conf, then exec exabgp")
+    p = sub.add_parser(
+        "sidecar", help="wait for the agent-rendered exabgp.conf, run and supervise exabgp"
+    )
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="the agent settings file (its bgp.exabgpConfigDir)")
     p.add_argument("--config-dir", default="/var/run/felix-lite/exabgp")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the config")
     p.add_argument("--exabgp", default="exabgp", help="the exabgp executable")

@@ -142,6 +142,10 @@ class FabricSpec:
     servers: bool = True
     settle: float = 3.0
     sync_timeout: float = 30.0
+    manage_pod_routes: bool = True
+    """False: the agents only export pods (the benchmark's fake pods have no veth)."""
+    node_blocks: dict[int, str] = field(default_factory=dict)
+    """Override node k's block (default 10.244.k.0/24)."""
     expect_down: tuple[int, ...] = ()
     """Node indexes whose sessions are expected not to come up (wrong MD5)."""
 
@@ -267,7 +271,7 @@ class FabricLab:
             netns=ns,
             address=addr,
             asn=asn,
-            node_block=f"10.244.{i}.0/24",
+            node_block=s.node_blocks.get(i, f"10.244.{i}.0/24"),
             workdir=self.workdir / f"node-{i}",
         )
         node.workdir.mkdir(parents=True, exist_ok=True)
@@ -358,6 +362,7 @@ class FabricLab:
             netns=node.netns,
             settle=self.spec.settle,
             sync_timeout=self.spec.sync_timeout,
+            manage_pod_routes=self.spec.manage_pod_routes,
         )
         agent.start()
         agent.set_local_pods(self.local_pods(name))
