@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -111,7 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _own_bin_dir_on_path() -> None:
+    """Tools this package installs (felix-lite-cni, exabgp, the bridge) sit next to
+    the interpreter; a venv's bin/ need not be on PATH, so children find them here."""
+    here = os.path.dirname(sys.executable)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if here not in parts:
+        os.environ["PATH"] = os.pathsep.join([here, *parts])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _own_bin_dir_on_path()
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
