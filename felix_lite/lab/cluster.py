@@ -388,6 +388,9 @@ class Lab:
         st = self.state
         apidir = self.dir / "api"
         apidir.mkdir(parents=True, exist_ok=True)
+        # A new lab is a new cluster: the API state of an earlier lab in this
+        # state dir (kept after `down`, for post-mortem) must not be loaded.
+        (apidir / "state.json").unlink(missing_ok=True)
         st.kubeconfig = str(self.dir / "kubeconfig")
         st.api_url = f"http://{API_ADDR}:{API_PORT}"
         self._spawn(

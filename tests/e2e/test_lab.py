@@ -398,3 +398,24 @@ def test_failed_up_cleans_up_everything_it_made(tmp_path: Path) -> None:
     finally:
         subprocess.run(["ip", "netns", "delete", blocker], check=False)
         lab.down()
+
+
+def test_a_second_lab_in_the_same_state_dir_starts_from_an_empty_cluster(
+    tmp_path: Path,
+) -> None:
+    """`down` keeps logs and the API state for post-mortem; the next `up` in the same
+    directory (the default one, for `lab demo` run twice) must not load that state."""
+    why = _unavailable()
+    if why:
+        pytest.skip(why)
+    lab = LabHandle(tmp_path, nodes=2)
+    try:
+        lab.up()
+        run_lab(lab.dir, "apply", "-f", str(EXAMPLES))
+        lab.down()
+        lab.up()
+        pods = lab.json("pods")
+        assert len(pods) == 9
+        assert all(r["connected"] for r in lab.json("probe")["results"])  # no old policies
+    finally:
+        lab.down()
