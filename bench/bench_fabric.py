@@ -29,8 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from felix_lite.fabric.routers import BirdRouter, TorConfig, _kill_pid
+from felix_lite.fabric.routers import BirdRouter, TorConfig
 from felix_lite.fabric.topology import FabricLab, FabricSpec, kernel_routes
+from felix_lite.procs import kill_pid
 from felix_lite.routes import NetlinkRoutes
 
 NODE1_RANGE = "10.244.64.0/18"  # fake pods of node-1: 16k addresses, outside other blocks
@@ -150,7 +151,7 @@ def bench_bare_exabgp(tmp: Path, count: int) -> dict[str, float]:
             go.write_text("go")
             t_bird = wait_for(lambda: bird_count(tor, "n1") >= count, 120, "bird", step=0.02)
         finally:
-            _kill_pid(proc.pid)
+            kill_pid(proc.pid)
         return {"to_bird_s": t_bird}
 
 
@@ -263,7 +264,7 @@ def iperf(client_ns: str, server_ns: str, server_ip: str, seconds: float) -> flo
                  str(seconds), "-J")  # fmt: skip
         return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
     finally:
-        _kill_pid(srv.pid)
+        kill_pid(srv.pid)
 
 
 def bench_datapath(tmp: Path, seconds: float, repeat: int) -> dict[str, Any]:

@@ -13,11 +13,7 @@ namespace (tests, the lab) the read runs on a short-lived thread that
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,12 +21,12 @@ from felix_lite.dataplane import ipsets
 from felix_lite.dataplane.backend import Backend, BackendMode, detect_backend
 from felix_lite.dataplane.iptables import normalize_spec, parse_save, strip_comment
 from felix_lite.dataplane.runner import CommandRunner, SubprocessRunner
+from felix_lite.nsenter import call_in_netns
 from policy.names import HOOK_COMMENT, RULE_COMMENT_PREFIX, is_ours_chain
 from policy.render import hook_rule_spec, rule_hashes
 from policy.ruleset import Ruleset
 
 T = TypeVar("T")
-CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -40,35 +36,6 @@ class RuleCounter:
     comment: str  # `fl:<hash>` in our chains, `felix-lite:hook` for hooks, "" if none
     packets: int
     bytes: int
-
-
-def run_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
-    """Run fn on a thread inside /run/netns/<netns> (or here if None)."""
-    if netns is None:
-        return fn()
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns {netns}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"netns-{netns}")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    value: T = box["value"]
-    return value
 
 
 def _iptc_rule_text(rule: Any) -> tuple[str, str]:
@@ -154,7 +121,7 @@ class Stats:
     def counters(self) -> list[RuleCounter]:
         """Our chains' rules and our hook rules, with packet/byte counters."""
         if self._backend.mode is BackendMode.LEGACY:
-            return run_in_netns(self._netns, _read_iptc)
+            return call_in_netns(self._netns, _read_iptc)
         table = parse_save(self._runner.run([self._backend.save, "-c", "-t", "filter"]))
         return [
             RuleCounter(

@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import IO, Protocol
+
+from felix_lite.procs import kill_pid
 
 log = logging.getLogger(__name__)
 
@@ -230,30 +231,6 @@ def _run(argv: list[str], *, timeout: float = 20.0, check: bool = True) -> str:
     return r.stdout
 
 
-def _kill_pid(pid: int, *, timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL; reaps it when it is our child."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
-                return
-        except ChildProcessError:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
 def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -320,7 +297,7 @@ class _Base:
 
     def _stop_pids(self) -> None:
         for pid in reversed(self._pids):
-            _kill_pid(pid)
+            kill_pid(pid)
         self._pids.clear()
 
     def _install_static_in_kernel(self) -> None:

@@ -8,28 +8,29 @@ changes namespace (a thread that entered a namespace simply ends).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
-import os
 import socket
 import subprocess
-import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from felix_lite.nsenter import (
+    NETNS_RUN_DIR,
+    NetnsError,
+    call_in_netns,
+    enter_netns_this_thread,
+    netns_path,
+)
+
 log = logging.getLogger(__name__)
 
-NETNS_RUN_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
+__all__ = ["NETNS_RUN_DIR", "NetnsError", "call_in_netns", "enter_netns_this_thread", "netns_path"]
+
 MAX_NETNS_NAME = 15  # not a kernel limit, but keeps derived interface names legal
 
 T = TypeVar("T")
-
-
-class NetnsError(RuntimeError):
-    """A namespace operation failed; the message names the namespace."""
 
 
 class CommandRunner(Protocol):
@@ -49,61 +50,8 @@ def run_command(argv: Sequence[str], *, stdin: str | None = None) -> str:
     return proc.stdout
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _setns(fd: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-def netns_path(name: str) -> Path:
-    return NETNS_RUN_DIR / name
-
-
 def netns_exists(name: str) -> bool:
     return netns_path(name).exists()
-
-
-def enter_netns_this_thread(name: str) -> None:
-    """Move the calling thread (only) into netns `name`. Use on a thread you own."""
-    try:
-        fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as e:
-        raise NetnsError(f"netns {name}: does not exist") from e
-    try:
-        _setns(fd)
-    except OSError as e:
-        raise NetnsError(f"netns {name}: setns failed: {e}") from e
-    finally:
-        os.close(fd)
-
-
-def call_in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run `fn` on a fresh thread inside netns `name` and return its result.
-
-    The thread ends afterwards, so no thread is ever left in a foreign
-    namespace even if `fn` raises.
-    """
-    box: dict[str, object] = {}
-
-    def body() -> None:
-        try:
-            enter_netns_this_thread(name)
-            box["result"] = fn()
-        except BaseException as e:  # re-raised in the caller
-            box["error"] = e
-
-    t = threading.Thread(target=body, name=f"netns-{name}", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["result"]  # type: ignore[return-value]
 
 
 def sockets_in_netns(

@@ -27,10 +27,8 @@ import atexit
 import contextlib
 import ipaddress
 import logging
-import os
 import signal
 import threading
-import time
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -45,6 +43,7 @@ from felix_lite.netlab.nsutil import (
     run_command,
     write_sysctls,
 )
+from felix_lite.procs import kill_pid
 from policy.names import pod_interface
 
 log = logging.getLogger(__name__)
@@ -182,7 +181,7 @@ class Topology:
             return
         self._closed = True
         for pid in reversed(self._pids):
-            _kill_pid(pid)
+            kill_pid(pid, timeout=1.0)
         self._pids.clear()
         failures = delete_netns(reversed(self._netns), runner=self._run)
         if failures:
@@ -356,26 +355,3 @@ class Topology:
         self._run(["ip", "-n", h.netns, "addr", "del", f"{ip}/32", "dev", POD_IFACE])
 
 
-def _kill_pid(pid: int, *, grace: float = 1.0) -> None:
-    """SIGTERM, then SIGKILL after `grace`; reaps it if it is our child."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
-                return
-        except ChildProcessError:
-            # Not our child: poll for existence instead.
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-        time.sleep(0.02)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)

@@ -14,17 +14,16 @@ namespace for its whole life, and the calling process never changes namespace.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno as errno_mod
 import logging
 import os
 import socket
 import struct
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from felix_lite.nsenter import NetnsError, call_in_netns
 from felix_lite.routes.table import KernelRoute, RouteAction, RouteKind, RouteOp
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,6 @@ NETLINK_EXT_ACK = 11
 NETLINK_GET_STRICT_CHK = 12
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
-CLONE_NEWNET = 0x40000000
 
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
@@ -122,38 +120,10 @@ def open_netlink_socket(netns: str | None = None) -> socket.socket:
     path such as /proc/PID/ns/net) when given, else in the caller's namespace."""
     if netns is None:
         return _make_socket()
-    path = netns if "/" in netns else f"/run/netns/{netns}"
-    box: dict[str, socket.socket | BaseException] = {}
-
-    def enter_and_open() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            box["err"] = NetlinkError(exc.errno, f"netns {netns!r}: {exc.strerror}")
-            return
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                box["err"] = NetlinkError(err, f"setns {netns!r}: {os.strerror(err)}")
-                return
-            box["sock"] = _make_socket()
-        except BaseException as exc:  # handed to the caller's thread
-            box["err"] = exc
-        finally:
-            os.close(fd)
-
-    # The thread dies inside the namespace; only the socket outlives it.
-    t = threading.Thread(target=enter_and_open, name=f"netns-open-{netns}", daemon=True)
-    t.start()
-    t.join()
-    if "err" in box:
-        exc = box["err"]
-        assert isinstance(exc, BaseException)
-        raise exc
-    sock = box["sock"]
-    assert isinstance(sock, socket.socket)
-    return sock
+    try:
+        return call_in_netns(netns, _make_socket)
+    except NetnsError as exc:
+        raise NetlinkError(errno_mod.ENOENT, str(exc)) from exc
 
 
 def _make_socket() -> socket.socket:
