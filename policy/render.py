@@ -162,10 +162,26 @@ class SetContent:
     nomatch: frozenset[str]
 
 
+_ALL_CANONICAL: Final = {
+    SetType.HASH_IP: re.compile(rf"(?:{_CANONICAL_IP.pattern}\n)*"),
+    SetType.HASH_IP_PORT: re.compile(rf"(?:{_CANONICAL_IP_PORT.pattern}\n)*"),
+}
+
+
+def _normalized(set_type: SetType, members: frozenset[str]) -> frozenset[str]:
+    """Members as `ipset save` prints them. One regex pass over the joined text
+    first: the compiler's pod-IP and named-port members are already canonical,
+    and 30,000 per-member calls would cost more than the kernel's restore."""
+    whole = _ALL_CANONICAL.get(set_type)
+    if whole is not None and whole.fullmatch("".join(m + "\n" for m in members)):
+        return members
+    return frozenset(normalize_member(set_type, m) for m in members)
+
+
 @functools.lru_cache(maxsize=16384)
 def set_content(spec: IpSetSpec) -> SetContent:
-    nomatch = frozenset(normalize_member(spec.type, m) for m in spec.nomatch)
-    members = frozenset(normalize_member(spec.type, m) for m in spec.members) - nomatch
+    nomatch = _normalized(spec.type, spec.nomatch)
+    members = _normalized(spec.type, spec.members) - nomatch
     return SetContent(type=spec.type, members=members, nomatch=nomatch)
 
 

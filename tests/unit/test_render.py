@@ -190,3 +190,26 @@ def test_render_human_lists_sets_and_chains() -> None:
     assert "chain FL-PI-1 (2 rules)  # x/a" in text
     assert "    2  -j DROP" in text
     assert "hook filter/FORWARD: -j FL-FORWARD" in text
+
+
+@given(
+    st.sampled_from([SetType.HASH_IP, SetType.HASH_IP_PORT, SetType.HASH_NET]),
+    st.frozensets(
+        st.one_of(
+            st.ip_addresses(v=4).map(str),
+            st.tuples(st.ip_addresses(v=4), st.sampled_from(["tcp:80", "udp:53", "81", "TCP:9"]))
+            .map(lambda t: f"{t[0]},{t[1]}"),
+            st.tuples(st.ip_addresses(v=4), st.integers(8, 32)).map(lambda t: f"{t[0]}/{t[1]}"),
+            st.sampled_from(["010.0.0.1", "10.0.0.1/32", " 10.0.0.2"]),
+        ),
+        max_size=8,
+    ),
+)
+def test_whole_set_fast_path_equals_per_member_normalisation(
+    set_type: SetType, members: frozenset[str]
+) -> None:
+    from policy.render import _normalized, normalize_member
+
+    assert _normalized(set_type, members) == frozenset(
+        normalize_member(set_type, m) for m in members
+    )
