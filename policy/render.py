@@ -28,7 +28,7 @@ import functools
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -189,6 +189,35 @@ def _create(name: str, set_type: SetType) -> str:
     return f"create {name} {set_type.value} {IPSET_CREATE_OPTIONS} -exist"
 
 
+def iter_ipset_restore(
+    ruleset: Ruleset,
+    *,
+    sets: Iterable[SetName] | None = None,
+    fresh: Iterable[SetName] = (),
+) -> Iterator[str]:
+    """`render_ipset_restore`, one set's text at a time, so a caller can stream
+    it to `ipset restore` while the rest is still being rendered."""
+    names = sorted(set(ruleset.sets if sets is None else sets))
+    direct = set(fresh)
+    for name in names:
+        try:
+            spec = ruleset.sets[name]
+        except KeyError:
+            raise ValueError(f"ipset {name}: not in the ruleset") from None
+        content = set_content(spec)
+        target = name if name in direct else temp_set_name(name)
+        lines = [_create(name, spec.type)]
+        if target != name:
+            lines.append(_create(target, spec.type))
+        lines.append(f"flush {target}")
+        lines += [f"add {target} {m}" for m in sorted(content.members)]
+        lines += [f"add {target} {m} nomatch" for m in sorted(content.nomatch)]
+        if target != name:
+            lines.append(f"swap {target} {name}")
+            lines.append(f"destroy {target}")
+        yield "".join(line + "\n" for line in lines)
+
+
 def render_ipset_restore(
     ruleset: Ruleset,
     *,
@@ -201,30 +230,7 @@ def render_ipset_restore(
     Sets in `fresh` are known not to exist yet (nothing can reference them):
     they are filled in place (`create -exist`, `flush`, `add`), half the work
     of the swap. Still correct if one does exist, only not atomic."""
-    names = sorted(set(ruleset.sets if sets is None else sets))
-    direct = set(fresh)
-    lines: list[str] = []
-    for name in names:
-        try:
-            spec = ruleset.sets[name]
-        except KeyError:
-            raise ValueError(f"ipset {name}: not in the ruleset") from None
-        content = set_content(spec)
-        if name in direct:
-            lines.append(_create(name, spec.type))
-            lines.append(f"flush {name}")
-            lines += [f"add {name} {m}" for m in sorted(content.members)]
-            lines += [f"add {name} {m} nomatch" for m in sorted(content.nomatch)]
-            continue
-        tmp = temp_set_name(name)
-        lines.append(_create(name, spec.type))
-        lines.append(_create(tmp, spec.type))
-        lines.append(f"flush {tmp}")
-        lines += [f"add {tmp} {m}" for m in sorted(content.members)]
-        lines += [f"add {tmp} {m} nomatch" for m in sorted(content.nomatch)]
-        lines.append(f"swap {tmp} {name}")
-        lines.append(f"destroy {tmp}")
-    return "".join(line + "\n" for line in lines)
+    return "".join(iter_ipset_restore(ruleset, sets=sets, fresh=fresh))
 
 
 def render_ipset_destroy(names: Iterable[str]) -> str:

@@ -41,7 +41,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from felix_lite.dataplane import ipsets, iptables
@@ -53,8 +53,8 @@ from policy.render import (
     drop_protocol_rules,
     hook_rule_spec,
     is_protocol_rule,
+    iter_ipset_restore,
     render_ipset_destroy,
-    render_ipset_restore,
     render_iptables_restore,
     rule_hashes,
     set_content,
@@ -241,14 +241,19 @@ class Dataplane:
                 if n in kernel_sets and _delta_ok(self._set_cache.get(n), wanted[n])
             }
             full = [SetName(n) for n in sets_write if n not in delta]
-            text = render_ipset_restore(
-                ruleset, sets=full, fresh=[n for n in full if n not in kernel_sets]
-            ) if full else ""
-            text += "".join(_delta_lines(n, old, wanted[n]) for n, old in sorted(delta.items()))
-            # The ipset process runs while this thread renders the iptables payload
-            # (the kernel tool and Python overlap on two cores); the iptables
+            fresh = [n for n in full if n not in kernel_sets]
+            deltas = sorted(delta.items())
+
+            def chunks() -> Iterator[str]:
+                yield from iter_ipset_restore(ruleset, sets=full, fresh=fresh)
+                for n, old in deltas:
+                    yield _delta_lines(n, old, wanted[n])
+
+            # `ipset restore` consumes the payload while it is still being
+            # rendered, and runs while this thread renders the iptables payload
+            # (kernel tool and Python overlap on two cores); the iptables
             # transaction still starts only after the sets exist.
-            ipset_job = _Job(lambda: self._ipset_restore(text))
+            ipset_job = _Job(lambda: self._ipset_restore(chunks()))
         ipt_text = ""
         if chains_write or chains_remove or hooks_fixed:
             ipt_text = render_iptables_restore(
@@ -342,10 +347,24 @@ class Dataplane:
             )
             raise
 
-    def _ipset_restore(self, text: str) -> None:
+    def _ipset_restore(self, payload: str | Iterable[str]) -> None:
+        sent: list[str] = []
+
+        def tee(parts: Iterable[str]) -> Iterator[str]:
+            for part in parts:
+                sent.append(part)
+                yield part
+
         try:
-            self._runner.run(["ipset", "restore"], input=text)
+            if isinstance(payload, str):
+                sent.append(payload)
+                self._runner.run(["ipset", "restore"], input=payload)
+            elif hasattr(self._runner, "run_stream"):
+                self._runner.run_stream(["ipset", "restore"], tee(payload))
+            else:
+                self._runner.run(["ipset", "restore"], input="".join(tee(payload)))
         except CommandError as exc:
+            text = "".join(sent)
             log.error(
                 "ipset.restore.failed rc=%d stderr=%s input=\n%s",
                 exc.rc,

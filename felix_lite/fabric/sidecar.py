@@ -266,7 +266,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add `bgp sidecar` and `bgp render` to felix-lite's CLI (`handler` per command)."""
-    bgp = subparsers.add_parser("bgp", help="ExaBGP sidecar: wait+exec, render its config")
+    bgp = subparsers.add_parser("bgp", help="ExaBGP sidecar: run and reload it, render its config")
     sub = bgp.add_subparsers(dest="bgp_command", required=True)
     p = sub.add_parser(
         "sidecar", help="wait for the agent-rendered exabgp.conf, run and supervise exabgp"
