@@ -145,6 +145,10 @@ def inner(backend: str, runs: int, repeat: int = 5) -> dict[str, Any]:
     # Like the agent: trust our own writes between full re-reads (docs: applier).
     dp = Dataplane(backend=mode, trust_for=3600.0)
     dp.apply(comp.ruleset())
+    # As the agent does once ready (felix_lite/agent/loop.py, _freeze_heap).
+    from felix_lite.agent.loop import _freeze_heap
+
+    _freeze_heap()
 
     local = sorted((p for p in state.pods.values() if p.node == node), key=lambda p: p.key)
     namespaces = sorted({p.namespace for p in local})

@@ -22,6 +22,7 @@ process exits and the kubelet restarts it. A periodic re-apply every
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -368,6 +369,7 @@ class AgentLoop:
             return
         if ready and not self._status.ready:
             log.info("agent.ready node=%s generation=%d", self.node, desired.generation)
+            _freeze_heap()
         self._set(generation=desired.generation, programmed_resource_versions=merged, ready=ready)
         if self._metrics is not None:
             self._metrics.programmed(generation=desired.generation, rvs=merged, ready=ready)
@@ -395,3 +397,13 @@ class AgentLoop:
             "agent.apply.failed node=%s attempt=%d retry_in=%.1fs error=%s",
             self.node, self._failures, delay, text,
         )
+
+
+def _freeze_heap() -> None:
+    """After the first full sync, move everything alive (the cache, the
+    compiler's indexes, what was programmed: hundreds of thousands of objects)
+    out of the collector's reach. Otherwise every full collection rescans them
+    and a single update pays ~50 ms of GC pause at random (measured with the
+    policy benchmark: pod-added p99 98 ms without, 58 ms with)."""
+    gc.collect()
+    gc.freeze()

@@ -249,11 +249,15 @@ class Dataplane:
                 for n, old in deltas:
                     yield _delta_lines(n, old, wanted[n])
 
-            # `ipset restore` consumes the payload while it is still being
-            # rendered, and runs while this thread renders the iptables payload
+            # `ipset restore` runs while this thread renders the iptables payload
             # (kernel tool and Python overlap on two cores); the iptables
-            # transaction still starts only after the sets exist.
-            ipset_job = _Job(lambda: self._ipset_restore(chunks()))
+            # transaction still starts only after the sets exist. Whole sets
+            # (a first program, a resync) are big: they are streamed, so the tool
+            # consumes them while they are still being rendered. Member deltas
+            # (the steady state) are small: rendered here, so the two threads do
+            # not contend for the interpreter on the latency-sensitive path.
+            payload: str | Iterator[str] = chunks() if full else "".join(chunks())
+            ipset_job = _Job(lambda: self._ipset_restore(payload))
         ipt_text = ""
         if chains_write or chains_remove or hooks_fixed:
             ipt_text = render_iptables_restore(
