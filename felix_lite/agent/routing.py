@@ -193,22 +193,7 @@ class NodeRoutingDriver:
                     else []}
         st = node.status()
         learned = len(node.learned())
-        peers = [
-            {
-                "address": p.address,
-                "asn": p.asn,
-                "state": p.state,
-                "uptime": None if p.uptime is None else round(p.uptime, 1),
-                "received": p.received,
-                "accepted": p.accepted,
-                "rejected": p.rejected,
-                "stale": p.stale,
-                "installed": p.installed,
-                "max_prefix_hit": p.max_prefix_hit,
-                "last_error": p.last_error,
-            }
-            for p in st.peers
-        ]
+        peers = [p.as_dict() for p in st.peers]
         return {
             "started": True,
             "bridge_connected": st.bridge_connected,

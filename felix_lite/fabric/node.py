@@ -66,6 +66,22 @@ class PeerRoutingStatus:
     max_prefix_hit: bool
     last_error: str
 
+    def as_dict(self) -> dict[str, Any]:
+        """The peer entry of the agent's /status (and so of `lab status`)."""
+        return {
+            "address": self.address,
+            "asn": self.asn,
+            "state": self.state,
+            "uptime": None if self.uptime is None else round(self.uptime, 1),
+            "received": self.received,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "stale": self.stale,
+            "installed": self.installed,
+            "max_prefix_hit": self.max_prefix_hit,
+            "last_error": self.last_error,
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class RoutingStatus:
@@ -80,34 +96,6 @@ class RoutingStatus:
     learned_installed: int
     conflicts: int
     peers: tuple[PeerRoutingStatus, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "node": self.node_name,
-            "bridgeConnected": self.bridge_connected,
-            "synced": self.synced,
-            "localPods": self.local_pods,
-            "exported": self.exported,
-            "announced": self.announced,
-            "learnedInstalled": self.learned_installed,
-            "conflicts": self.conflicts,
-            "peers": [
-                {
-                    "address": p.address,
-                    "asn": p.asn,
-                    "state": p.state,
-                    "uptime": None if p.uptime is None else round(p.uptime, 1),
-                    "received": p.received,
-                    "accepted": p.accepted,
-                    "rejected": p.rejected,
-                    "stale": p.stale,
-                    "installed": p.installed,
-                    "maxPrefixHit": p.max_prefix_hit,
-                    "lastError": p.last_error,
-                }
-                for p in self.peers
-            ],
-        }
 
 
 class NodeRouting:
