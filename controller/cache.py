@@ -121,21 +121,23 @@ class Cache:
             value = self._converters[kind](obj)
         except ValueError as e:
             self._invalid(key, obj, e)
+            self._wake()
             return
         with self._cond:
             if self._bad.pop(key, None) is not None:
                 log.info("controller.valid-again kind=%s object=%s", kind.value, _ref(key))
-            if key in self._values and self._values[key] == value:
-                return
-            self._values[key] = value
-            self._changed(key)
+            if not (key in self._values and self._values[key] == value):
+                self._values[key] = value
+                self._pending.add(key)
+            self._wake()
 
     def delete(self, kind: Kind, obj: Mapping[str, Any]) -> None:
         key = key_of(kind, obj)
         with self._cond:
             self._bad.pop(key, None)
             if self._values.pop(key, None) is not None:
-                self._changed(key)
+                self._pending.add(key)
+            self._wake()
 
     def synced(self, kind: Kind) -> None:
         with self._cond:
@@ -147,13 +149,15 @@ class Cache:
                 kind.value,
                 sum(1 for k in self._values if k.kind is kind),
             )
+            self._wake()
+
+    def _wake(self) -> None:
+        """Every delivery wakes the consumer, also one that changes no cached
+        value (a status-only update, an invalid edit): its resourceVersion must
+        still be published as programmed."""
+        with self._cond:
             self._seq += 1
             self._cond.notify_all()
-
-    def _changed(self, key: Key) -> None:
-        self._pending.add(key)
-        self._seq += 1
-        self._cond.notify_all()
 
     def _invalid(self, key: Key, obj: Mapping[str, Any], error: ValueError) -> None:
         text = str(error)
@@ -201,7 +205,7 @@ class Cache:
 
     @property
     def seq(self) -> int:
-        """Counts changes (and syncs); a consumer remembers the last it saw."""
+        """Counts deliveries (and syncs); a consumer remembers the last it saw."""
         with self._cond:
             return self._seq
 

@@ -31,57 +31,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from controller.cache import Cache, Kind
+from controller.cache import Cache
 from controller.coalesce import Batch
 from controller.nodestate import NodeDesired, NodeState
 from felix_lite.dataplane.applier import ApplyResult
 from policy.ruleset import Ruleset
 
 log = logging.getLogger(__name__)
-
-
-class WakingSink:
-    """Informer sink in front of the cache that wakes the loop on *every*
-    delivery, also those that change no cached value (a status-only update, an
-    invalid edit): the loop must still publish that their RV is programmed."""
-
-    def __init__(self, cache: Cache) -> None:
-        self._cache = cache
-        self._cond = threading.Condition()
-        self._seq = 0
-
-    def _bump(self) -> None:
-        with self._cond:
-            self._seq += 1
-            self._cond.notify_all()
-
-    def upsert(self, kind: Kind, obj: Mapping[str, Any]) -> None:
-        try:
-            self._cache.upsert(kind, obj)
-        finally:
-            self._bump()
-
-    def delete(self, kind: Kind, obj: Mapping[str, Any]) -> None:
-        try:
-            self._cache.delete(kind, obj)
-        finally:
-            self._bump()
-
-    def synced(self, kind: Kind) -> None:
-        try:
-            self._cache.synced(kind)
-        finally:
-            self._bump()
-
-    @property
-    def seq(self) -> int:
-        with self._cond:
-            return self._seq
-
-    def wait_for_change(self, after: int, timeout: float | None) -> int:
-        with self._cond:
-            self._cond.wait_for(lambda: self._seq != after, timeout)
-            return self._seq
 
 
 class BatchSource(Protocol):

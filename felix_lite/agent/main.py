@@ -1,6 +1,6 @@
 """`felix-lite agent`: one node's agent process, as the DaemonSet runs it.
 
-Wiring (docs/agent.md): informers -> WakingSink -> Cache (last good kept,
+Wiring (docs/agent.md): informers -> Cache (last good kept,
 Warning Events) -> Coalescer -> AgentLoop -> NodeState -> Dataplane (policy)
 and NodeRoutingDriver (routes + BGP). Health and metrics servers read what
 the loop publishes. SIGTERM/SIGINT stop informers and servers and leave the
@@ -27,7 +27,7 @@ from controller.informer import InformerGroup, agent_informers
 from controller.kube import api_client
 from controller.nodestate import NodeState, converters
 from felix_lite.agent.health import HttpEndpoint, health_routes, metrics_routes, serve
-from felix_lite.agent.loop import AgentLoop, LoopExit, RoutingDriver, WakingSink
+from felix_lite.agent.loop import AgentLoop, LoopExit, RoutingDriver
 from felix_lite.agent.metrics import AgentMetrics
 from felix_lite.agent.routing import NodeRoutingDriver
 from felix_lite.config import AgentConfig, ConfigError, load_config
@@ -84,9 +84,8 @@ class Agent:
 
         self.recorder = EventRecorder(core_v1_poster(client.CoreV1Api(self.api)), host=self.node)
         self.cache = Cache(converters(), events=self.recorder)
-        self.sink = WakingSink(self.cache)
         self.informers: InformerGroup = agent_informers(
-            self.api, self.sink, secret_namespace=secret_ns, stop=threading.Event()
+            self.api, self.cache, secret_namespace=secret_ns, stop=threading.Event()
         )
         self.state = NodeState(self.node, secret_namespace=secret_ns)
         self.dataplane = Dataplane(
@@ -103,7 +102,7 @@ class Agent:
             self.node,
             cache=self.cache,
             state=self.state,
-            batches=Coalescer(self.sink, quiet=coalesce_quiet, max_delay=coalesce_max_delay),
+            batches=Coalescer(self.cache, quiet=coalesce_quiet, max_delay=coalesce_max_delay),
             policy=self.dataplane,
             rv_source=self._rvs,
             routing=self.routing,

@@ -16,7 +16,6 @@ from felix_lite.agent.loop import (
     LoopExit,
     RulesetCounts,
     TooManyFailures,
-    WakingSink,
 )
 from felix_lite.dataplane.applier import ApplyResult
 from policy.ruleset import Ruleset
@@ -302,13 +301,13 @@ def test_latency_is_observed_for_changes_not_for_the_initial_sync() -> None:
     assert seen[1] == pytest.approx(0.25)  # fake clock: only the coalescing wait counts
 
 
-def test_waking_sink_wakes_on_deliveries_that_change_nothing() -> None:
+def test_cache_wakes_on_deliveries_that_change_nothing() -> None:
     cache = Cache(converters())
-    sink = WakingSink(cache)
     obj = pod("a", "10.244.1.2")
-    sink.upsert(Kind.POD, obj)
-    seq, cseq = sink.seq, cache.seq
-    sink.upsert(Kind.POD, obj)  # same value: the cache does not change
-    assert cache.seq == cseq
-    assert sink.seq == seq + 1
-    assert sink.wait_for_change(seq, 0) == seq + 1
+    cache.upsert(Kind.POD, obj)
+    assert set(cache.take_changes()) == {Key(Kind.POD, "x", "a")}
+    seq = cache.seq
+    cache.upsert(Kind.POD, obj)  # same value: nothing to take, but the loop wakes
+    assert cache.take_changes() == {}
+    assert cache.seq == seq + 1
+    assert cache.wait_for_change(seq, 0) == seq + 1
