@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _own_bin_dir_on_path() -> None:
+def own_bin_dir_on_path() -> None:
     """Tools this package installs (felix-lite-cni, exabgp, the bridge) sit next to
     the interpreter; a venv's bin/ need not be on PATH, so children find them here."""
     here = os.path.dirname(sys.executable)
@@ -122,7 +122,7 @@ def _own_bin_dir_on_path() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _own_bin_dir_on_path()
+    own_bin_dir_on_path()
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)

@@ -1,12 +1,9 @@
 """Shared test set-up: make the installed console scripts (felix-lite,
-felix-lite-cni) callable from subprocesses, whichever venv runs pytest."""
+felix-lite-cni, exabgp) callable from subprocesses, whichever venv runs pytest,
+the same way the felix-lite CLI does for its own children."""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
+from felix_lite.cli import own_bin_dir_on_path
 
-_bin = str(Path(sys.executable).parent)
-if _bin not in os.environ.get("PATH", "").split(os.pathsep):
-    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
+own_bin_dir_on_path()
