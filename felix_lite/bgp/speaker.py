@@ -304,7 +304,14 @@ class Speaker:
                     return
                 command = conn.pending.popleft()
                 if not event.ok:
-                    log.warning("bgp.command.error command=%.120s", command)
+                    # a global End-of-RIB or route refresh with no session up has
+                    # nobody to go to; each peer gets its own when it comes up
+                    idle = command in (commands.EOR, commands.ROUTE_REFRESH) and not any(
+                        p.state is PeerState.UP for p in self._peers.values()
+                    )
+                    (log.debug if idle else log.warning)(
+                        "bgp.command.error command=%.120s", command
+                    )
                 self._cv.notify_all()
                 return
             peer = self._peer(event.peer, getattr(event, "peer_asn", 0))
