@@ -3,6 +3,7 @@ command like ExaBGP (`done`/`error`) and feeds ExaBGP 5 JSON messages."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -27,8 +28,11 @@ def state(st: str, peer: str = TOR) -> str:
     )
 
 
-def update(announce: Mapping[str, str], withdraw: AbstractSet[str] = frozenset(),
-           as_path: tuple[int, ...] = (65000,)) -> str:
+def update(
+    announce: Mapping[str, str],
+    withdraw: AbstractSet[str] = frozenset(),
+    as_path: tuple[int, ...] = (65000,),
+) -> str:
     by_nh: dict[str, list[str]] = {}
     for p, nh in announce.items():
         by_nh.setdefault(nh, []).append(f'{{ "nlri": "{p}" }}')
@@ -154,8 +158,15 @@ def make(tmp_path: Path) -> Iterator[Make]:
 
     def _make(s: BgpSettings | None = None) -> tuple[Speaker, Routes, Clock]:
         routes, clock = Routes(), Clock()
-        sp = Speaker(s or settings(), str(tmp_path / "bgp.sock"), on_routes=routes, clock=clock,
-                     batch=2, window=2, ack_timeout=WAIT)
+        sp = Speaker(
+            s or settings(),
+            str(tmp_path / "bgp.sock"),
+            on_routes=routes,
+            clock=clock,
+            batch=2,
+            window=2,
+            ack_timeout=WAIT,
+        )
         sp.start()
         made.append(sp)
         return sp, routes, clock
@@ -201,12 +212,30 @@ def test_aggregation_setting(make: Make) -> None:
 
 def test_error_ack_does_not_stall(make: Make, caplog: pytest.LogCaptureFixture) -> None:
     sp, _, _ = make()
-    fb = FakeBridge(sock_of(sp), fail=lambda c: "route-refresh" in c)
+    fb = FakeBridge(sock_of(sp), fail=lambda c: "10.244.1.2/32" in c)
     sp.set_local_pods(["10.244.1.2"])
     assert sp.wait_synced(WAIT)
     sp.set_local_pods(["10.244.1.3"])
     assert sp.wait_synced(WAIT)
-    assert "bgp.command.error command=announce route-refresh" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("bgp.command.error command=announce attributes") for m in warnings), (
+        warnings
+    )
+    fb.close()
+
+
+def test_global_eor_with_no_session_up_is_not_a_warning(
+    make: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="felix_lite.bgp.speaker")
+    sp, _, _ = make()
+    failing = ("announce eor ipv4 unicast", "announce route-refresh ipv4 unicast")
+    fb = FakeBridge(sock_of(sp), fail=lambda c: c in failing)
+    sp.set_local_pods(["10.244.1.2"])
+    assert sp.wait_synced(WAIT)
+    errors = [r for r in caplog.records if r.getMessage().startswith("bgp.command.error")]
+    assert {r.getMessage().split("=", 1)[1] for r in errors} == set(failing)
+    assert all(r.levelno == logging.DEBUG for r in errors)
     fb.close()
 
 
@@ -249,12 +278,16 @@ def test_learned_routes_filtered_and_delivered(make: Make) -> None:
     sp, routes, _ = make()
     sp.set_local_pods(["10.244.9.9"])
     fb = FakeBridge(sock_of(sp))
-    fb.send(update({
-        "10.244.2.5/32": "10.99.0.12",
-        "10.244.9.9/32": "10.99.0.1",   # own pod
-        "10.200.0.0/24": "10.99.0.1",   # outside pod CIDRs
-        "10.244.1.7/32": "10.99.0.1",   # inside our node block
-    }))
+    fb.send(
+        update(
+            {
+                "10.244.2.5/32": "10.99.0.12",
+                "10.244.9.9/32": "10.99.0.1",  # own pod
+                "10.200.0.0/24": "10.99.0.1",  # outside pod CIDRs
+                "10.244.1.7/32": "10.99.0.1",  # inside our node block
+            }
+        )
+    )
     fb.send(update({"10.244.3.3/32": "10.99.0.13"}, as_path=(65000, 65001)))  # loop
     fb.send(update({"10.244.4.4/32": "10.99.0.14"}))
     routes.wait(lambda r: "10.244.4.4/32" in r)
