@@ -47,32 +47,63 @@ def pod_ip(i: int) -> str:
 
 def build_store(*, pods: int, policies: int, nodes: int, namespaces: int = 100) -> Store:
     store = Store(strict_status=False, max_events=1000)
-    rt = {k: resource(k) for k in ("namespaces", "pods", "nodes",
-                                   "networkpolicies.networking.k8s.io")}
+    rt = {
+        k: resource(k) for k in ("namespaces", "pods", "nodes", "networkpolicies.networking.k8s.io")
+    }
     for n in range(nodes):
-        store.create(rt["nodes"], None, {
-            "metadata": {"name": f"node-{n}", "labels": {"rack": f"r{n % 4}"}},
-            "spec": {"podCIDR": f"10.244.{n}.0/24"},
-            "status": {"addresses": [{"type": "InternalIP", "address": f"10.0.0.{n + 10}"}]},
-        })
+        store.create(
+            rt["nodes"],
+            None,
+            {
+                "metadata": {"name": f"node-{n}", "labels": {"rack": f"r{n % 4}"}},
+                "spec": {"podCIDR": f"10.244.{n}.0/24"},
+                "status": {"addresses": [{"type": "InternalIP", "address": f"10.0.0.{n + 10}"}]},
+            },
+        )
     for s in range(namespaces):
-        store.create(rt["namespaces"], None, {"metadata": {"name": f"ns{s}", "labels": {
-            "team": f"t{s % 10}", "env": "prod" if s % 2 else "dev"}}})
+        store.create(
+            rt["namespaces"],
+            None,
+            {
+                "metadata": {
+                    "name": f"ns{s}",
+                    "labels": {"team": f"t{s % 10}", "env": "prod" if s % 2 else "dev"},
+                }
+            },
+        )
     for i in range(pods):
         ns = f"ns{i % namespaces}"
-        store.create(rt["pods"], ns, {
-            "metadata": {"name": f"p{i}", "labels": {"app": f"a{i % 50}",
-                                                      "tier": TIERS[i % 3]}},
-            "spec": {"nodeName": f"node-{i % nodes}", "containers": [
-                {"name": "c", "image": "x", "ports": [
-                    {"name": "http", "containerPort": 8080, "protocol": "TCP"},
-                    {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]}]},
-            "status": {"phase": "Running", "podIP": pod_ip(i), "podIPs": [{"ip": pod_ip(i)}]},
-        })
+        store.create(
+            rt["pods"],
+            ns,
+            {
+                "metadata": {
+                    "name": f"p{i}",
+                    "labels": {"app": f"a{i % 50}", "tier": TIERS[i % 3]},
+                },
+                "spec": {
+                    "nodeName": f"node-{i % nodes}",
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": "x",
+                            "ports": [
+                                {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                                {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
+                            ],
+                        }
+                    ],
+                },
+                "status": {"phase": "Running", "podIP": pod_ip(i), "podIPs": [{"ip": pod_ip(i)}]},
+            },
+        )
     for j in range(policies):
         s = j % namespaces
-        store.create(rt["networkpolicies.networking.k8s.io"], f"ns{s}",
-                     {"metadata": {"name": f"pol{j}"}, "spec": policy_spec(j, s)})
+        store.create(
+            rt["networkpolicies.networking.k8s.io"],
+            f"ns{s}",
+            {"metadata": {"name": f"pol{j}"}, "spec": policy_spec(j, s)},
+        )
     return store
 
 
@@ -85,29 +116,81 @@ def policy_spec(j: int, s: int) -> dict[str, Any]:
     if shape == 1:
         return {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}
     if shape == 2:
-        return {"podSelector": sel, "ingress": [{"from": [{"namespaceSelector": {
-            "matchLabels": {"team": f"t{(s + 1) % 10}"}}}]}]}
+        return {
+            "podSelector": sel,
+            "ingress": [
+                {"from": [{"namespaceSelector": {"matchLabels": {"team": f"t{(s + 1) % 10}"}}}]}
+            ],
+        }
     if shape == 3:
-        return {"podSelector": sel, "ingress": [{"from": [{"podSelector": {"matchLabels": {
-            "tier": TIERS[(j + 2) % 3]}}}], "ports": [{"protocol": "TCP", "port": 8080}]}]}
+        return {
+            "podSelector": sel,
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": {"tier": TIERS[(j + 2) % 3]}}}],
+                    "ports": [{"protocol": "TCP", "port": 8080}],
+                }
+            ],
+        }
     if shape == 4:
         return {"podSelector": sel, "ingress": [{"ports": [{"protocol": "TCP", "port": "http"}]}]}
     if shape == 5:
-        return {"podSelector": {"matchLabels": {"app": f"a{j % 50}"}}, "ingress": [{"from": [
-            {"ipBlock": {"cidr": "10.0.0.0/8", "except": [f"10.{j % 200}.0.0/16"]}}]}]}
+        return {
+            "podSelector": {"matchLabels": {"app": f"a{j % 50}"}},
+            "ingress": [
+                {"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": [f"10.{j % 200}.0.0/16"]}}]}
+            ],
+        }
     if shape == 6:
-        return {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [
-            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}],
-            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}
+        return {
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "egress": [
+                {
+                    "to": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {"kubernetes.io/metadata.name": "kube-system"}
+                            }
+                        }
+                    ],
+                    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+                }
+            ],
+        }
     if shape == 7:
-        return {"podSelector": sel, "ingress": [{"ports": [
-            {"protocol": "TCP", "port": 30000, "endPort": 30100}]}]}
+        return {
+            "podSelector": sel,
+            "ingress": [{"ports": [{"protocol": "TCP", "port": 30000, "endPort": 30100}]}],
+        }
     if shape == 8:
-        return {"podSelector": sel, "ingress": [{"from": [{"namespaceSelector": {
-            "matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]},
-            "podSelector": {"matchLabels": {"app": f"a{(j + 7) % 50}"}}}]}]}
-    return {"podSelector": sel, "policyTypes": ["Egress"], "egress": [{"to": [{"podSelector": {
-        "matchLabels": {"tier": "db"}}}], "ports": [{"protocol": "TCP", "port": "metrics"}]}]}
+        return {
+            "podSelector": sel,
+            "ingress": [
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchExpressions": [
+                                    {"key": "env", "operator": "In", "values": ["prod"]}
+                                ]
+                            },
+                            "podSelector": {"matchLabels": {"app": f"a{(j + 7) % 50}"}},
+                        }
+                    ]
+                }
+            ],
+        }
+    return {
+        "podSelector": sel,
+        "policyTypes": ["Egress"],
+        "egress": [
+            {
+                "to": [{"podSelector": {"matchLabels": {"tier": "db"}}}],
+                "ports": [{"protocol": "TCP", "port": "metrics"}],
+            }
+        ],
+    }
 
 
 def _kib(pid: int, field: str) -> int:
@@ -170,10 +253,25 @@ class Bench:
         subprocess.run(["ip", "netns", "add", self.ns], check=True)
         subprocess.run(["ip", "-n", self.ns, "link", "set", "lo", "up"], check=True)
         api = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, sys.executable, "-m", "felix_lite.apiserver",
-             "--port", str(API_PORT), "--state", str(state), "--kubeconfig", str(kc),
-             "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns,
+                sys.executable,
+                "-m",
+                "felix_lite.apiserver",
+                "--port",
+                str(API_PORT),
+                "--state",
+                str(state),
+                "--kubeconfig",
+                str(kc),
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         self.procs.append(api)
         assert api.stdout is not None
@@ -181,15 +279,37 @@ class Bench:
             raise RuntimeError("API emulator did not start")
         json.loads(api.stdout.readline())
         cfg = self.tmp / "agent.yaml"
-        cfg.write_text(json.dumps({
-            "nodeName": LOCAL_NODE, "iptablesBackend": "nft", "healthPort": HEALTH_PORT,
-            "metricsPort": METRICS_PORT, "resyncSeconds": 60, "logLevel": "warning",
-        }))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "nodeName": LOCAL_NODE,
+                    "iptablesBackend": "nft",
+                    "healthPort": HEALTH_PORT,
+                    "metricsPort": METRICS_PORT,
+                    "resyncSeconds": 60,
+                    "logLevel": "warning",
+                }
+            )
+        )
         t0 = time.perf_counter()
         agent = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "felix-lite", "--log-level", "WARNING", "agent",
-             "--config", str(cfg), "--kubeconfig", str(kc), "--no-routing"],
-            stdout=subprocess.DEVNULL, stderr=open(self.tmp / "agent.log", "wb"),  # noqa: SIM115
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns,
+                "felix-lite",
+                "--log-level",
+                "WARNING",
+                "agent",
+                "--config",
+                str(cfg),
+                "--kubeconfig",
+                str(kc),
+                "--no-routing",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.tmp / "agent.log", "wb"),  # noqa: SIM115
         )
         self.procs.append(agent)
         st = self.wait(lambda s: bool(s["ready"]), 120)
@@ -209,21 +329,31 @@ class Bench:
         for u in range(updates):
             t1 = time.perf_counter()
             if u % 2 == 0:
-                body = {"metadata": {"name": f"bench-{u}"}, "spec": {
-                    "podSelector": {"matchLabels": {"tier": "web"}},
-                    "ingress": [{"ports": [{"protocol": "TCP", "port": 7000 + u}]}]}}
-                obj = call_in_netns(self.ns, lambda b=body: net.create_namespaced_network_policy(
-                    "ns0", b))
+                body = {
+                    "metadata": {"name": f"bench-{u}"},
+                    "spec": {
+                        "podSelector": {"matchLabels": {"tier": "web"}},
+                        "ingress": [{"ports": [{"protocol": "TCP", "port": 7000 + u}]}],
+                    },
+                }
+                obj = call_in_netns(
+                    self.ns, lambda b=body: net.create_namespaced_network_policy("ns0", b)
+                )
                 kind = "networkpolicy"
             else:
                 name = f"p{u * 20}"  # i % 20 == 0: on node-0
                 patch = {"metadata": {"labels": {"tier": TIERS[u % 3], "bench": str(u)}}}
-                obj = call_in_netns(self.ns, lambda n=name, p=patch: core.patch_namespaced_pod(
-                    n, f"ns{int(n[1:]) % 100}", p))
+                obj = call_in_netns(
+                    self.ns,
+                    lambda n=name, p=patch: core.patch_namespaced_pod(
+                        n, f"ns{int(n[1:]) % 100}", p
+                    ),
+                )
                 kind = "pod"
             rv = int(obj.metadata.resource_version)
-            self.wait(lambda s, k=kind, r=rv: int(
-                s["programmed_resource_versions"].get(k, 0)) >= r, 60)
+            self.wait(
+                lambda s, k=kind, r=rv: int(s["programmed_resource_versions"].get(k, 0)) >= r, 60
+            )
             lat.append(time.perf_counter() - t1)
         time.sleep(1.0)
         st = self.status() or st
@@ -264,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as d:
         bench = Bench(Path(d))
         try:
-            res = bench.run(pods=args.pods, policies=args.policies, nodes=args.nodes,
-                            updates=args.updates)
+            res = bench.run(
+                pods=args.pods, policies=args.policies, nodes=args.nodes, updates=args.updates
+            )
         finally:
             bench.close()
     if args.json:

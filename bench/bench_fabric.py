@@ -213,8 +213,11 @@ def bench_bird_nodes(tmp: Path, count: int) -> dict[str, float]:
             wait_for(lambda: count_routes(nl2, None) >= count, 60, "node-2 kernel (bird)")
         except RuntimeError:
             print(sh("ip", "-n", lab.nodes["node-2"].netns, "route")[:600], file=sys.stderr)
-            print(birds[1].birdc("show", "route", "count"), birds[1].birdc("show", "protocols"),
-                  file=sys.stderr)
+            print(
+                birds[1].birdc("show", "route", "count"),
+                birds[1].birdc("show", "protocols"),
+                file=sys.stderr,
+            )
             raise
         t_node2 = time.perf_counter() - t0
         nl2.close()
@@ -284,8 +287,10 @@ def bench_datapath(tmp: Path, seconds: float, repeat: int) -> dict[str, Any]:
         for agent in lab.agents.values():
             agent.stop()
         n1, n2 = lab.nodes["node-1"], lab.nodes["node-2"]
-        for n, other, vip, ovip, pod in ((n1, n2, "10.250.0.1", "10.250.0.2", d),
-                                         (n2, n1, "10.250.0.2", "10.250.0.1", c)):
+        for n, other, vip, ovip, pod in (
+            (n1, n2, "10.250.0.1", "10.250.0.2", d),
+            (n2, n1, "10.250.0.2", "10.250.0.1", c),
+        ):
             sh("ip", "-n", n.netns, "-batch", "-", stdin=(
                 f"link add vx0 type vxlan id 42 local {n.address} remote {other.address} "
                 f"dstport 4789 dev eth0\n"
@@ -373,8 +378,10 @@ def _table(r: dict[str, Any]) -> None:
           f"p99 {q['p99_ms']:.0f} ms, max {q['max_ms']:.0f} ms")  # fmt: skip
     if "datapath" in r:
         d = r["datapath"]["gbps_median"]
-        p(f"iperf3 TCP Gbit/s (median): routed {d['routed']:.2f}  vxlan {d['vxlan']:.2f}  "
-          f"direct {d['direct']:.2f}  routed/direct {r['datapath']['routed_over_direct']:.2f}")
+        p(
+            f"iperf3 TCP Gbit/s (median): routed {d['routed']:.2f}  vxlan {d['vxlan']:.2f}  "
+            f"direct {d['direct']:.2f}  routed/direct {r['datapath']['routed_over_direct']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -32,13 +32,18 @@ from felix_lite.netlab.probe import probe_one
 
 def policy(port: int) -> dict[str, Any]:
     return {
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
         "metadata": {"namespace": "x", "name": "bench-allow"},
         "spec": {
             "podSelector": {"matchLabels": {"pod": "a"}},
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}],
-                         "ports": [{"protocol": "TCP", "port": port}]}],
+            "ingress": [
+                {
+                    "from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}],
+                    "ports": [{"protocol": "TCP", "port": port}],
+                }
+            ],
         },
     }
 
@@ -59,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = tempfile.mkdtemp(prefix="fll-bench-")
     prefix = f"fllb{os.getpid() % 100:02d}"
     t0 = time.monotonic()
-    lab = Lab.up(LabSpec(nodes=args.nodes, tor=args.tor, state_dir=state_dir, prefix=prefix),
-                 out=lambda m: print(m, file=sys.stderr))
+    lab = Lab.up(
+        LabSpec(nodes=args.nodes, tor=args.tor, state_dir=state_dir, prefix=prefix),
+        out=lambda m: print(m, file=sys.stderr),
+    )
     up_seconds = time.monotonic() - t0
     samples: list[float] = []
     verified = 0
@@ -74,18 +81,23 @@ def main(argv: list[str] | None = None) -> int:
             if args.verify and (i + 1) % args.verify == 0:
                 other = 81 if port == 80 else 80
                 ok = probe_one(eps["y/a"], eps["x/a"], port=port, protocol="TCP").connected
-                denied = not probe_one(eps["y/a"], eps["x/a"], port=other, protocol="TCP",
-                                       timeout=0.5).connected
+                denied = not probe_one(
+                    eps["y/a"], eps["x/a"], port=other, protocol="TCP", timeout=0.5
+                ).connected
                 if not (ok and denied):
-                    raise SystemExit(f"change {i}: not enforced (port {port} ok={ok}, "
-                                     f"port {other} denied={denied})")
+                    raise SystemExit(
+                        f"change {i}: not enforced (port {port} ok={ok}, "
+                        f"port {other} denied={denied})"
+                    )
                 verified += 1
     finally:
         problems = lab.down()
         if not problems:
             shutil.rmtree(state_dir, ignore_errors=True)
     result = {
-        "nodes": args.nodes, "tor": args.tor, "changes": len(samples),
+        "nodes": args.nodes,
+        "tor": args.tor,
+        "changes": len(samples),
         "up_seconds": round(up_seconds, 2),
         "p50_ms": round(pct(samples, 50) * 1000, 1),
         "p90_ms": round(pct(samples, 90) * 1000, 1),
@@ -97,8 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         "teardown_problems": problems,
     }
     print(f"{'metric':<22}{'value':>10}", file=sys.stderr)
-    for k in ("nodes", "changes", "up_seconds", "p50_ms", "p90_ms", "p99_ms", "max_ms",
-              "mean_ms", "verified_by_probe"):
+    for k in (
+        "nodes",
+        "changes",
+        "up_seconds",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+        "mean_ms",
+        "verified_by_probe",
+    ):
         print(f"{k:<22}{result[k]!s:>10}", file=sys.stderr)
     print(json.dumps(result))
     return 0 if result["p99_ms"] < 1000 else 1

@@ -241,4 +241,3 @@ class Cache:
 
 def _ref(key: Key) -> str:
     return f"{key.namespace}/{key.name}" if key.namespace else key.name
-

@@ -105,10 +105,12 @@ class Coalescer:
                 last = self._clock()
                 wakeups += 1
         self._seen = seq
-        batch = Batch(seq=seq, wakeups=wakeups, waited=self._clock() - first,
-                      hit_max_delay=hit_max)
+        batch = Batch(seq=seq, wakeups=wakeups, waited=self._clock() - first, hit_max_delay=hit_max)
         log.debug(
             "coalesce.batch seq=%d wakeups=%d waited_ms=%.1f max=%s",
-            seq, wakeups, batch.waited * 1000, hit_max,
+            seq,
+            wakeups,
+            batch.waited * 1000,
+            hit_max,
         )
         return batch

@@ -99,9 +99,7 @@ def list_call(api_client: client.ApiClient, kind: Kind, namespace: str | None) -
         return net.list_network_policy_for_all_namespaces
     res = RESOURCES[kind]
     custom = client.CustomObjectsApi(api_client)
-    return lambda **kw: custom.list_cluster_custom_object(
-        res.group, res.version, res.plural, **kw
-    )
+    return lambda **kw: custom.list_cluster_custom_object(res.group, res.version, res.plural, **kw)
 
 
 class _Gone(Exception):
@@ -251,16 +249,19 @@ class Informer:
                     need_list = True
                     self.relists += 1
             except _Gone as e:
-                log.info("informer.gone kind=%s rv=%s detail=%s", self.kind.value,
-                         self.resource_version, e)
+                log.info(
+                    "informer.gone kind=%s rv=%s detail=%s",
+                    self.kind.value,
+                    self.resource_version,
+                    e,
+                )
                 need_list = True
                 self.relists += 1
             except Exception as e:
                 if self._stop.is_set():
                     break
                 if isinstance(e, ApiException) and e.status == 410:
-                    log.info("informer.gone kind=%s rv=%s", self.kind.value,
-                             self.resource_version)
+                    log.info("informer.gone kind=%s rv=%s", self.kind.value, self.resource_version)
                     need_list = True
                     self.relists += 1
                     continue
@@ -269,7 +270,10 @@ class Informer:
                 self._backoff = min(self._backoff * 2, self._backoff_max)
                 log.warning(
                     "informer.error kind=%s restarts=%d retry_in=%.2fs error=%s",
-                    self.kind.value, self.restarts, delay, _describe(e),
+                    self.kind.value,
+                    self.restarts,
+                    delay,
+                    _describe(e),
                 )
                 self._stop.wait(delay)
         log.info("informer.stopped kind=%s rv=%s", self.kind.value, self.resource_version)
@@ -342,8 +346,13 @@ class Informer:
             meta = {"name": name, **({"namespace": ns} if ns else {})}
             self._deliver(self._sink.delete, self.kind, {"metadata": meta})
         if self.has_synced.is_set():
-            log.info("informer.relist.diff kind=%s upserts=%d deletes=%d unchanged=%d",
-                     self.kind.value, upserts, deletes, len(fresh) - upserts)
+            log.info(
+                "informer.relist.diff kind=%s upserts=%d deletes=%d unchanged=%d",
+                self.kind.value,
+                upserts,
+                deletes,
+                len(fresh) - upserts,
+            )
         self._known = fresh
 
     def _watch_once(self, deadline: float | None) -> int:

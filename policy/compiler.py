@@ -786,8 +786,11 @@ class Compiler:
             applied = [
                 pk
                 for pk in pols
-                if (self._policies[pk].egress if direction is PolicyType.EGRESS
-                    else self._policies[pk].ingress)
+                if (
+                    self._policies[pk].egress
+                    if direction is PolicyType.EGRESS
+                    else self._policies[pk].ingress
+                )
             ]
             for pk in applied:
                 rules.append(f"-j {policy_chain(direction, pk)}")
@@ -818,8 +821,7 @@ class Compiler:
                 self._chains[sub] = Chain(sub, tuple(rules), f"dispatch {flag} fl{prefix}+")
             top = dispatch_chain(direction)
             rules = [
-                f"{flag} {names.IFACE_PREFIX}{p}+ -g {dispatch_chain(direction, p)}"
-                for p in in_use
+                f"{flag} {names.IFACE_PREFIX}{p}+ -g {dispatch_chain(direction, p)}" for p in in_use
             ]
             rules.append("-j DROP")
             what = "from" if direction is PolicyType.EGRESS else "to"
@@ -864,11 +866,12 @@ class Compiler:
         self._dirty_sets.clear()
         log.debug(
             "compiler.ruleset node=%s chains=%d sets=%d local_pods=%d",
-            self.node, len(self._chains), len(self._set_specs), len(self._local_iface),
+            self.node,
+            len(self._chains),
+            len(self._set_specs),
+            len(self._local_iface),
         )
-        self._snapshot = Ruleset(
-            sets=dict(self._set_specs), chains=dict(self._chains), hooks=HOOKS
-        )
+        self._snapshot = Ruleset(sets=dict(self._set_specs), chains=dict(self._chains), hooks=HOOKS)
         return self._snapshot
 
 

@@ -33,27 +33,50 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "agent", help="run the node agent: watch the API, program policy, routes and BGP"
     )
-    p.add_argument("--config", metavar="FILE", default=None,
-                   help="agent settings YAML (the chart's ConfigMap); default: all defaults")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="agent settings YAML (the chart's ConfigMap); default: all defaults",
+    )
     p.add_argument("--node", default=None, help="node name (default: config nodeName, $NODE_NAME)")
-    p.add_argument("--kubeconfig", default=None,
-                   help="kubeconfig (default: config kubeconfig, else in-cluster)")
-    p.add_argument("--no-routing", action="store_true",
-                   help="policy only: no pod routes, no BGP (tests, policy-only installs)")
-    p.add_argument("--health-bind", default="127.0.0.1", metavar="ADDR",
-                   help="address of the health/status and metrics servers (default 127.0.0.1)")
+    p.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="kubeconfig (default: config kubeconfig, else in-cluster)",
+    )
+    p.add_argument(
+        "--no-routing",
+        action="store_true",
+        help="policy only: no pod routes, no BGP (tests, policy-only installs)",
+    )
+    p.add_argument(
+        "--health-bind",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="address of the health/status and metrics servers (default 127.0.0.1)",
+    )
     p.add_argument("--health-port", type=int, default=None, help="override config healthPort")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="override config metricsPort")
-    p.add_argument("--secret-namespace", default=None,
-                   help="namespace of BGP password Secrets (default $POD_NAMESPACE)")
-    p.add_argument("--max-failures", type=int, default=10,
-                   help="consecutive apply failures before exiting (default 10, ~1 min)")
+    p.add_argument("--metrics-port", type=int, default=None, help="override config metricsPort")
+    p.add_argument(
+        "--secret-namespace",
+        default=None,
+        help="namespace of BGP password Secrets (default $POD_NAMESPACE)",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=10,
+        help="consecutive apply failures before exiting (default 10, ~1 min)",
+    )
     p.set_defaults(handler=_agent)
 
     p = subparsers.add_parser("status", help="this node's agent: readiness, generation, BGP peers")
-    p.add_argument("--url", default="http://127.0.0.1:9099",
-                   help="the agent's health endpoint (default http://127.0.0.1:9099)")
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:9099",
+        help="the agent's health endpoint (default http://127.0.0.1:9099)",
+    )
     p.add_argument("--json", action="store_true", help="the raw /status document")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(handler=_status)

@@ -85,12 +85,18 @@ class HttpEndpoint:
         server.routes = self._routes
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2},
-            name=f"http-{self.port}", daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"http-{self.port}",
+            daemon=True,
         )
         self._thread.start()
-        log.info("health.listening address=%s port=%d paths=%s", self._host, self.port,
-                 ",".join(sorted(self._routes)))
+        log.info(
+            "health.listening address=%s port=%d paths=%s",
+            self._host,
+            self.port,
+            ",".join(sorted(self._routes)),
+        )
         return self
 
     @property
@@ -127,17 +133,19 @@ def health_routes(
     def readyz() -> Response:
         return Response(200, b"ok\n") if ready() else Response(503, b"not ready\n")
 
-    return {"/livez": livez, "/healthz": livez, "/readyz": readyz,
-            "/status": lambda: json_response(status())}
+    return {
+        "/livez": livez,
+        "/healthz": livez,
+        "/readyz": readyz,
+        "/status": lambda: json_response(status()),
+    }
 
 
 def metrics_routes(render: Callable[[], bytes], content_type: str) -> dict[str, Handler]:
     return {"/metrics": lambda: Response(200, render(), content_type)}
 
 
-def serve(
-    routes_by_port: Mapping[int, Mapping[str, Handler]], *, host: str
-) -> list[HttpEndpoint]:
+def serve(routes_by_port: Mapping[int, Mapping[str, Handler]], *, host: str) -> list[HttpEndpoint]:
     """One endpoint per distinct port (routes of equal ports merged), started."""
     started: list[HttpEndpoint] = []
     try:

@@ -245,7 +245,9 @@ class AgentLoop:
         if not self._status.in_sync:
             log.info(
                 "agent.in-sync node=%s generation=%d local_pods=%d chains=%d",
-                self.node, desired.generation, len(desired.local_pods),
+                self.node,
+                desired.generation,
+                len(desired.local_pods),
                 len(desired.ruleset.chains),
             )
             self._set(in_sync=True)
@@ -286,7 +288,9 @@ class AgentLoop:
         counts = RulesetCounts.of(desired.ruleset)
         if self._metrics is not None:
             self._metrics.applied(
-                seconds=seconds, latency=latency, counts=counts,
+                seconds=seconds,
+                latency=latency,
+                counts=counts,
                 local_pods=len(desired.local_pods),
             )
         self._set(
@@ -307,9 +311,13 @@ class AgentLoop:
         log.info(
             "agent.programmed node=%s generation=%d seconds=%.3f latency=%s resync=%s "
             "chains_written=%d sets_written=%d",
-            self.node, desired.generation, seconds,
-            "-" if latency is None else f"{latency:.3f}", resync,
-            len(result.chains_written), len(result.sets_written),
+            self.node,
+            desired.generation,
+            seconds,
+            "-" if latency is None else f"{latency:.3f}",
+            resync,
+            len(result.chains_written),
+            len(result.sets_written),
         )
         self._publish(desired, rvs)
 
@@ -344,14 +352,19 @@ class AgentLoop:
             log.error(
                 "agent.apply.giving-up node=%s consecutive_failures=%d error=%s "
                 "action=exit-for-restart",
-                self.node, self._failures, text,
+                self.node,
+                self._failures,
+                text,
             )
             raise TooManyFailures(text)
         delay = min(self._backoff_initial * 2 ** (self._failures - 1), self._backoff_max)
         self._next_retry = now + delay
         log.warning(
             "agent.apply.failed node=%s attempt=%d retry_in=%.1fs error=%s",
-            self.node, self._failures, delay, text,
+            self.node,
+            self._failures,
+            delay,
+            text,
         )
 
 

@@ -153,7 +153,9 @@ class Agent:
             "in_sync": st.in_sync,
             "generation": st.generation,
             "programmed_resource_versions": dict(st.programmed_resource_versions),
-            "last_apply": None if la is None else {
+            "last_apply": None
+            if la is None
+            else {
                 "at": round(la.at, 3),
                 "seconds": round(la.seconds, 4),
                 "chains_written": la.chains_written,
@@ -196,8 +198,13 @@ class Agent:
     def run(self) -> int:
         log.info(
             "agent.starting node=%s backend=%s routing=%s health=%s:%d metrics=%s:%d",
-            self.node, self.cfg.iptables_backend, self.routing is not None,
-            self.health_bind, self.cfg.health_port, self.health_bind, self.cfg.metrics_port,
+            self.node,
+            self.cfg.iptables_backend,
+            self.routing is not None,
+            self.health_bind,
+            self.cfg.health_port,
+            self.health_bind,
+            self.cfg.metrics_port,
         )
         self.start_servers()
         self.recorder.start()
@@ -209,7 +216,8 @@ class Agent:
         if outcome is LoopExit.FAILED:
             log.error(
                 "agent.exit node=%s code=1 reason=apply-failures last_error=%s",
-                self.node, self.loop.status.last_error,
+                self.node,
+                self.loop.status.last_error,
             )
             return 1
         log.info("agent.exit node=%s code=0 reason=signal", self.node)

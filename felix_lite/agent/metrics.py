@@ -157,14 +157,13 @@ class AgentMetrics:
         self.apply_failures = Counter(
             f"{PREFIX}_apply_failures", "Failed programming passes (retried).", registry=r
         )
-        self.chains = Gauge(f"{PREFIX}_iptables_chains", "felix-lite chains programmed.",
-                            registry=r)
+        self.chains = Gauge(
+            f"{PREFIX}_iptables_chains", "felix-lite chains programmed.", registry=r
+        )
         self.rules = Gauge(f"{PREFIX}_iptables_rules", "Rules in felix-lite chains.", registry=r)
         self.sets = Gauge(f"{PREFIX}_ipsets", "felix-lite ipsets programmed.", registry=r)
-        self.members = Gauge(f"{PREFIX}_ipset_members", "Members of felix-lite ipsets.",
-                             registry=r)
-        self.local_pods = Gauge(f"{PREFIX}_local_pods", "Pods on this node with an IP.",
-                                registry=r)
+        self.members = Gauge(f"{PREFIX}_ipset_members", "Members of felix-lite ipsets.", registry=r)
+        self.local_pods = Gauge(f"{PREFIX}_local_pods", "Pods on this node with an IP.", registry=r)
         self.generation = Gauge(
             f"{PREFIX}_programmed_generation",
             "The node's desired-state generation that is in the kernel.",
@@ -176,8 +175,9 @@ class AgentMetrics:
             labelnames=["kind"],
             registry=r,
         )
-        self.ready = Gauge(f"{PREFIX}_ready", "1 once the first full sync is programmed.",
-                           registry=r)
+        self.ready = Gauge(
+            f"{PREFIX}_ready", "1 once the first full sync is programmed.", registry=r
+        )
         if any(x is not None for x in (informers, invalid, invalid_total, routing)):
             r.register(
                 _Pulled(

@@ -86,8 +86,7 @@ def bgp_settings(desired: NodeDesired, cfg: AgentConfig) -> BgpSettings | None:
             multihop_ttl=p.multihop,
             hold_time=p.hold_time if p.hold_time is not None else DEFAULT_HOLD_TIME,
             graceful_restart=(
-                p.graceful_restart if p.graceful_restart is not None
-                else DEFAULT_GRACEFUL_RESTART
+                p.graceful_restart if p.graceful_restart is not None else DEFAULT_GRACEFUL_RESTART
             ),
             max_prefix=p.max_prefix if p.max_prefix is not None else DEFAULT_MAX_PREFIX,
         )
@@ -156,8 +155,12 @@ class NodeRoutingDriver:
                     validate(settings)
                 except BgpConfigError as e:
                     self._problem = str(e)
-                    log.error("agent.routing.invalid node=%s error=%s kept_last_good=%s",
-                              desired.node, e, self._settings is not None)
+                    log.error(
+                        "agent.routing.invalid node=%s error=%s kept_last_good=%s",
+                        desired.node,
+                        e,
+                        self._settings is not None,
+                    )
                     if self._node is None:
                         return
                 else:
@@ -181,16 +184,24 @@ class NodeRoutingDriver:
         self.rebuilds += 1
         log.info(
             "agent.routing.started node=%s router_id=%s asn=%d peers=%d config_dir=%s rebuild=%d",
-            settings.node_name, settings.router_id, settings.local_asn, len(settings.peers),
-            self._cfg.bgp.exabgp_config_dir, self.rebuilds,
+            settings.node_name,
+            settings.router_id,
+            settings.local_asn,
+            len(settings.peers),
+            self._cfg.bgp.exabgp_config_dir,
+            self.rebuilds,
         )
 
     def status(self) -> dict[str, Any]:
         with self._lock:
             node, problem = self._node, self._problem
         if node is None:
-            return {"started": False, "peers": [], "routes": {}, "errors": [problem] if problem
-                    else []}
+            return {
+                "started": False,
+                "peers": [],
+                "routes": {},
+                "errors": [problem] if problem else [],
+            }
         st = node.status()
         learned = len(node.learned())
         peers = [p.as_dict() for p in st.peers]

@@ -77,8 +77,7 @@ def format_status(doc: Mapping[str, Any], *, now: float | None = None) -> str:
     rvs = doc.get("programmed_resource_versions") or {}
     if rvs:
         out.append(
-            "Programmed resource versions: "
-            + " ".join(f"{k}={v}" for k, v in sorted(rvs.items()))
+            "Programmed resource versions: " + " ".join(f"{k}={v}" for k, v in sorted(rvs.items()))
         )
     la = doc.get("last_apply")
     if la:

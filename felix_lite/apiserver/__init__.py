@@ -11,5 +11,12 @@ it as its own process (`python -m felix_lite.apiserver`); tests embed
 from felix_lite.apiserver.server import ApiServer, write_kubeconfig
 from felix_lite.apiserver.store import RESOURCES, ApiError, ResourceType, Store, resource
 
-__all__ = ["RESOURCES", "ApiError", "ApiServer", "ResourceType", "Store", "resource",
-           "write_kubeconfig"]
+__all__ = [
+    "RESOURCES",
+    "ApiError",
+    "ApiServer",
+    "ResourceType",
+    "Store",
+    "resource",
+    "write_kubeconfig",
+]

@@ -35,15 +35,32 @@ from felix_lite.apiserver.store import (
 
 log = logging.getLogger(__name__)
 
-KUBE_VERSION = {"major": "1", "minor": "31", "gitVersion": "v1.31.0-felixlite",
-                "gitCommit": "0000000000000000000000000000000000000000",
-                "gitTreeState": "clean", "buildDate": "2024-08-13T00:00:00Z",
-                "goVersion": "go1.22.5", "compiler": "gc", "platform": "linux/amd64"}
+KUBE_VERSION = {
+    "major": "1",
+    "minor": "31",
+    "gitVersion": "v1.31.0-felixlite",
+    "gitCommit": "0000000000000000000000000000000000000000",
+    "gitTreeState": "clean",
+    "buildDate": "2024-08-13T00:00:00Z",
+    "goVersion": "go1.22.5",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
 
 _VERBS_ALL = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
-_FAIL_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-                 409: "Conflict", 410: "Gone", 422: "Invalid", 429: "TooManyRequests",
-                 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
+_FAIL_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    409: "Conflict",
+    410: "Gone",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
 
 
 def write_kubeconfig(path: str | Path, server_url: str, *, namespace: str = "default") -> Path:
@@ -54,8 +71,12 @@ def write_kubeconfig(path: str | Path, server_url: str, *, namespace: str = "def
         "kind": "Config",
         "clusters": [{"name": "felix-lite", "cluster": {"server": server_url}}],
         "users": [{"name": "felix-lite", "user": {}}],
-        "contexts": [{"name": "felix-lite", "context": {
-            "cluster": "felix-lite", "user": "felix-lite", "namespace": namespace}}],
+        "contexts": [
+            {
+                "name": "felix-lite",
+                "context": {"cluster": "felix-lite", "user": "felix-lite", "namespace": namespace},
+            }
+        ],
         "current-context": "felix-lite",
     }
     p.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -75,17 +96,32 @@ def _groups() -> dict[str, list[ResourceType]]:
 def _resource_list(api_version: str) -> Obj:
     resources: list[Obj] = []
     for rt in _groups()[api_version]:
-        entry: Obj = {"name": rt.plural, "singularName": rt.singular, "namespaced": rt.namespaced,
-                      "kind": rt.kind, "verbs": _VERBS_ALL}
+        entry: Obj = {
+            "name": rt.plural,
+            "singularName": rt.singular,
+            "namespaced": rt.namespaced,
+            "kind": rt.kind,
+            "verbs": _VERBS_ALL,
+        }
         if rt.short_names:
             entry["shortNames"] = list(rt.short_names)
         resources.append(entry)
         if rt.status_subresource:
-            resources.append({"name": f"{rt.plural}/status", "singularName": "",
-                              "namespaced": rt.namespaced, "kind": rt.kind,
-                              "verbs": ["get", "patch", "update"]})
-    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": api_version,
-            "resources": resources}
+            resources.append(
+                {
+                    "name": f"{rt.plural}/status",
+                    "singularName": "",
+                    "namespaced": rt.namespaced,
+                    "kind": rt.kind,
+                    "verbs": ["get", "patch", "update"],
+                }
+            )
+    return {
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": api_version,
+        "resources": resources,
+    }
 
 
 def _group_list() -> Obj:
@@ -102,8 +138,13 @@ def _group_list() -> Obj:
 
 def _group(group: str, versions: list[str]) -> Obj:
     vs = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
-    return {"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": vs,
-            "preferredVersion": vs[0]}
+    return {
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": group,
+        "versions": vs,
+        "preferredVersion": vs[0],
+    }
 
 
 # -------------------------------------------------------------------- server
@@ -170,8 +211,12 @@ class ApiServer:
         self._stop = threading.Event()
         self._httpd = _HTTPServer((self.host, self.port), self)
         self.port = self._httpd.server_address[1]
-        serve = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                 name=f"apiserver-{self.port}", daemon=True)
+        serve = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"apiserver-{self.port}",
+            daemon=True,
+        )
         serve.start()
         self._threads = [serve]
         if self.state_path is not None:
@@ -256,8 +301,9 @@ class ApiServer:
             for i, (code, needle, retry_after) in enumerate(self._fail):
                 if needle is None or needle in path:
                     del self._fail[i]
-                    err = ApiError(code, _FAIL_REASONS.get(code, "InternalError"),
-                                   f"injected failure ({code})")
+                    err = ApiError(
+                        code, _FAIL_REASONS.get(code, "InternalError"), f"injected failure ({code})"
+                    )
                     err.retry_after = retry_after
                     return err
         return None
@@ -273,8 +319,9 @@ class ApiServer:
 class _Route:
     """A parsed resource URL."""
 
-    def __init__(self, rt: ResourceType, namespace: str | None, name: str | None,
-                 subresource: str | None) -> None:
+    def __init__(
+        self, rt: ResourceType, namespace: str | None, name: str | None, subresource: str | None
+    ) -> None:
         self.rt, self.namespace, self.name, self.subresource = rt, namespace, name, subresource
 
 
@@ -412,9 +459,16 @@ class _Handler(BaseHTTPRequestHandler):
         if parts == ["version"]:
             body = KUBE_VERSION
         elif parts == ["api"]:
-            body = {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
-                {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self.server.api.host}:"
-                 f"{self.server.api.port}"}]}
+            body = {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [
+                    {
+                        "clientCIDR": "0.0.0.0/0",
+                        "serverAddress": f"{self.server.api.host}:{self.server.api.port}",
+                    }
+                ],
+            }
         elif parts == ["api", "v1"]:
             body = _resource_list("v1")
         elif parts == ["apis"]:
@@ -423,9 +477,8 @@ class _Handler(BaseHTTPRequestHandler):
             versions = sorted({rt.version for rt in RESOURCES if rt.group == parts[1]})
             if versions:
                 body = _group(parts[1], versions)
-        elif (len(parts) == 3 and parts[0] == "apis"
-              and f"{parts[1]}/{parts[2]}" in _groups()):
-                body = _resource_list(f"{parts[1]}/{parts[2]}")
+        elif len(parts) == 3 and parts[0] == "apis" and f"{parts[1]}/{parts[2]}" in _groups():
+            body = _resource_list(f"{parts[1]}/{parts[2]}")
         if body is None:
             return False
         self._send_json(200, body)
@@ -455,32 +508,52 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(201, store.create(rt, r.namespace, obj, dry_run=dry_run))
             elif cmd == "DELETE":
                 self._read_body()
-                gone = store.delete_collection(rt, namespace=r.namespace,
-                                               label_selector=q.get("labelSelector"),
-                                               field_selector=q.get("fieldSelector"))
-                self._send_json(200, {"kind": rt.list_kind, "apiVersion": rt.api_version,
-                                      "metadata": {"resourceVersion": str(
-                                          store.resource_version)}, "items": gone})
+                gone = store.delete_collection(
+                    rt,
+                    namespace=r.namespace,
+                    label_selector=q.get("labelSelector"),
+                    field_selector=q.get("fieldSelector"),
+                )
+                self._send_json(
+                    200,
+                    {
+                        "kind": rt.list_kind,
+                        "apiVersion": rt.api_version,
+                        "metadata": {"resourceVersion": str(store.resource_version)},
+                        "items": gone,
+                    },
+                )
             else:
-                raise ApiError(405, "MethodNotAllowed",
-                               "the server does not allow this method on the requested resource")
+                raise ApiError(
+                    405,
+                    "MethodNotAllowed",
+                    "the server does not allow this method on the requested resource",
+                )
             return
         if cmd == "GET":
             self._send_json(200, store.get(rt, r.namespace, r.name, copy_=False))
         elif cmd == "PUT":
             obj = self._json_body()
-            self._send_json(200, store.update(rt, r.namespace, r.name, obj,
-                                              subresource=r.subresource))
+            self._send_json(
+                200, store.update(rt, r.namespace, r.name, obj, subresource=r.subresource)
+            )
         elif cmd == "PATCH":
             self._patch(r)
         elif cmd == "DELETE" and r.subresource is None:
             raw = self._read_body()
             opts = json.loads(raw) if raw else {}
-            self._send_json(200, store.delete(rt, r.namespace, r.name,
-                                              preconditions=(opts or {}).get("preconditions")))
+            self._send_json(
+                200,
+                store.delete(
+                    rt, r.namespace, r.name, preconditions=(opts or {}).get("preconditions")
+                ),
+            )
         else:
-            raise ApiError(405, "MethodNotAllowed",
-                           "the server does not allow this method on the requested resource")
+            raise ApiError(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )
 
     def _patch(self, r: _Route) -> None:
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
@@ -488,15 +561,21 @@ class _Handler(BaseHTTPRequestHandler):
             ptype = PatchType(ctype)
         except ValueError as e:
             self._read_body()
-            raise ApiError(415, "UnsupportedMediaType",
-                           f"the body of the request was in an unknown format - accepted media "
-                           f"types include: {', '.join(p.value for p in PatchType)}") from e
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media "
+                f"types include: {', '.join(p.value for p in PatchType)}",
+            ) from e
         if ptype is PatchType.STRATEGIC and r.rt.custom:
             self._read_body()
-            raise ApiError(415, "UnsupportedMediaType",
-                           "the body of the request was in an unknown format - accepted media "
-                           "types include: application/json-patch+json, "
-                           "application/merge-patch+json, application/apply-patch+yaml")
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                "the body of the request was in an unknown format - accepted media "
+                "types include: application/json-patch+json, "
+                "application/merge-patch+json, application/apply-patch+yaml",
+            )
         if ptype is PatchType.APPLY:
             try:
                 body = yaml.safe_load(self._read_body() or b"{}")
@@ -504,15 +583,20 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(400, "BadRequest", f"invalid YAML in request body: {e}") from e
         else:
             body = self._json_body()
-        obj = self.server.api.store.patch(r.rt, r.namespace, r.name or "", body,
-                                          patch_type=ptype, subresource=r.subresource)
+        obj = self.server.api.store.patch(
+            r.rt, r.namespace, r.name or "", body, patch_type=ptype, subresource=r.subresource
+        )
         self._send_json(200, obj)
 
     def _list(self, r: _Route, q: dict[str, str]) -> None:
         rt = r.rt
         items, rv = self.server.api.store.list(
-            rt, namespace=r.namespace, label_selector=q.get("labelSelector"),
-            field_selector=q.get("fieldSelector"), copy_=False)
+            rt,
+            namespace=r.namespace,
+            label_selector=q.get("labelSelector"),
+            field_selector=q.get("fieldSelector"),
+            copy_=False,
+        )
         meta: Obj = {"resourceVersion": str(rv)}
         cont = q.get("continue")
         if cont:
@@ -521,26 +605,35 @@ class _Handler(BaseHTTPRequestHandler):
                 after, meta["resourceVersion"] = tuple(token["after"]), token["rv"]
             except (ValueError, KeyError, TypeError) as e:
                 raise ApiError(400, "BadRequest", "continue key is not valid") from e
-            items = [o for o in items if (o["metadata"].get("namespace", ""),
-                                          o["metadata"]["name"]) > after]
+            items = [
+                o
+                for o in items
+                if (o["metadata"].get("namespace", ""), o["metadata"]["name"]) > after
+            ]
         limit = int(q.get("limit") or 0)
         if limit > 0 and len(items) > limit:
             last = items[limit - 1]["metadata"]
-            token = {"rv": meta["resourceVersion"],
-                     "after": [last.get("namespace", ""), last["name"]]}
+            token = {
+                "rv": meta["resourceVersion"],
+                "after": [last.get("namespace", ""), last["name"]],
+            }
             meta["continue"] = base64.urlsafe_b64encode(json.dumps(token).encode()).decode()
             meta["remainingItemCount"] = len(items) - limit
             items = items[:limit]
         if not rt.custom:  # the apiserver omits kind/apiVersion on built-in list items
-            items = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")}
-                     for o in items]
-        self._send_json(200, {"kind": rt.list_kind, "apiVersion": rt.api_version,
-                              "metadata": meta, "items": items})
+            items = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in items]
+        self._send_json(
+            200,
+            {"kind": rt.list_kind, "apiVersion": rt.api_version, "metadata": meta, "items": items},
+        )
 
     def _watch(self, r: _Route, q: dict[str, str]) -> None:
         api = self.server.api
-        timeout = float(q["timeoutSeconds"]) if q.get("timeoutSeconds") else (
-            api.default_watch_timeout * (1 + random.random()))
+        timeout = (
+            float(q["timeoutSeconds"])
+            if q.get("timeoutSeconds")
+            else (api.default_watch_timeout * (1 + random.random()))
+        )
         events: Iterator[Obj] = api.store.watch(
             r.rt,
             namespace=r.namespace,

@@ -43,9 +43,7 @@ _STATE_FORMAT = 1
 class ApiError(Exception):
     """An error the server returns as a `Status` object."""
 
-    def __init__(
-        self, code: int, reason: str, message: str, *, details: Obj | None = None
-    ) -> None:
+    def __init__(self, code: int, reason: str, message: str, *, details: Obj | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
@@ -179,29 +177,96 @@ FELIX_GROUP = "felixlite.io"
 FELIX_VERSION = "v1alpha1"
 
 RESOURCES: tuple[ResourceType, ...] = (
-    ResourceType("", "v1", "namespaces", "Namespace", False, "namespace", ("ns",),
-                 status_subresource=True,
-                 field_labels=frozenset({"metadata.name", "status.phase"})),
-    ResourceType("", "v1", "pods", "Pod", True, "pod", ("po",), status_subresource=True,
-                 has_generation=True, field_labels=_POD_FIELDS),
-    ResourceType("", "v1", "nodes", "Node", False, "node", ("no",), status_subresource=True,
-                 field_labels=frozenset({"metadata.name", "spec.unschedulable"})),
-    ResourceType("", "v1", "events", "Event", True, "event", ("ev",),
-                 field_labels=_EVENT_FIELDS),
-    ResourceType("", "v1", "secrets", "Secret", True, "secret",
-                 field_labels=frozenset({"metadata.name", "metadata.namespace", "type"})),
+    ResourceType(
+        "",
+        "v1",
+        "namespaces",
+        "Namespace",
+        False,
+        "namespace",
+        ("ns",),
+        status_subresource=True,
+        field_labels=frozenset({"metadata.name", "status.phase"}),
+    ),
+    ResourceType(
+        "",
+        "v1",
+        "pods",
+        "Pod",
+        True,
+        "pod",
+        ("po",),
+        status_subresource=True,
+        has_generation=True,
+        field_labels=_POD_FIELDS,
+    ),
+    ResourceType(
+        "",
+        "v1",
+        "nodes",
+        "Node",
+        False,
+        "node",
+        ("no",),
+        status_subresource=True,
+        field_labels=frozenset({"metadata.name", "spec.unschedulable"}),
+    ),
+    ResourceType("", "v1", "events", "Event", True, "event", ("ev",), field_labels=_EVENT_FIELDS),
+    ResourceType(
+        "",
+        "v1",
+        "secrets",
+        "Secret",
+        True,
+        "secret",
+        field_labels=frozenset({"metadata.name", "metadata.namespace", "type"}),
+    ),
     ResourceType("", "v1", "configmaps", "ConfigMap", True, "configmap", ("cm",)),
-    ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True,
-                 "networkpolicy", ("netpol",), has_generation=True),
+    ResourceType(
+        "networking.k8s.io",
+        "v1",
+        "networkpolicies",
+        "NetworkPolicy",
+        True,
+        "networkpolicy",
+        ("netpol",),
+        has_generation=True,
+    ),
     ResourceType("events.k8s.io", "v1", "events", "Event", True, "event", ("ev",)),
-    ResourceType(FELIX_GROUP, FELIX_VERSION, "bgppeers", "BGPPeer", False, "bgppeer",
-                 status_subresource=True, has_generation=True, custom=True),
-    ResourceType(FELIX_GROUP, FELIX_VERSION, "bgpconfigurations", "BGPConfiguration", False,
-                 "bgpconfiguration", ("bgpconfig",), status_subresource=True,
-                 has_generation=True, custom=True),
-    ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions",
-                 "CustomResourceDefinition", False, "customresourcedefinition", ("crd", "crds"),
-                 status_subresource=True, has_generation=True),
+    ResourceType(
+        FELIX_GROUP,
+        FELIX_VERSION,
+        "bgppeers",
+        "BGPPeer",
+        False,
+        "bgppeer",
+        status_subresource=True,
+        has_generation=True,
+        custom=True,
+    ),
+    ResourceType(
+        FELIX_GROUP,
+        FELIX_VERSION,
+        "bgpconfigurations",
+        "BGPConfiguration",
+        False,
+        "bgpconfiguration",
+        ("bgpconfig",),
+        status_subresource=True,
+        has_generation=True,
+        custom=True,
+    ),
+    ResourceType(
+        "apiextensions.k8s.io",
+        "v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        False,
+        "customresourcedefinition",
+        ("crd", "crds"),
+        status_subresource=True,
+        has_generation=True,
+    ),
 )
 
 
@@ -282,8 +347,9 @@ def parse_label_selector(text: str | None) -> tuple[Requirement, ...]:
     reqs: list[Requirement] = []
     for term in _split_terms(text):
         if not term:
-            raise _bad_request(f"unable to parse requirement: found '', expected: identifier "
-                               f"in selector {text!r}")
+            raise _bad_request(
+                f"unable to parse requirement: found '', expected: identifier in selector {text!r}"
+            )
         m = _SET_RE.match(term)
         if m:
             key, opname, inner = m.group(1), m.group(2), m.group(3)
@@ -305,12 +371,14 @@ def parse_label_selector(text: str | None) -> tuple[Requirement, ...]:
         key = key.strip()
         values = [v.strip() for v in values]
         if not _KEY_RE.match(key):
-            raise _bad_request(f"unable to parse requirement: invalid label key {key!r} "
-                               f"in selector {text!r}")
+            raise _bad_request(
+                f"unable to parse requirement: invalid label key {key!r} in selector {text!r}"
+            )
         for v in values:
             if not _VALUE_RE.match(v) or len(v) > 63:
-                raise _bad_request(f"unable to parse requirement: invalid label value {v!r} "
-                                   f"in selector {text!r}")
+                raise _bad_request(
+                    f"unable to parse requirement: invalid label value {v!r} in selector {text!r}"
+                )
         reqs.append(Requirement(key, op, frozenset(values)))
     return tuple(reqs)
 
@@ -358,7 +426,7 @@ def parse_field_selector(rt: ResourceType, text: str | None) -> tuple[FieldRequi
             raise _bad_request(f"invalid selector: '{text}'; can't understand '{term}'")
         path = path.strip()
         if path not in rt.field_labels:
-            raise _bad_request(f'field label not supported: {path}')
+            raise _bad_request(f"field label not supported: {path}")
         out.append(FieldRequirement(path, equal, value.strip()))
     return tuple(out)
 
@@ -728,9 +796,11 @@ class Store:
         limit = 63 if rt.key == "namespaces" else 253
         if not regex.match(name) or len(name) > limit:
             raise _invalid(
-                rt, name, "metadata.name",
+                rt,
+                name,
+                "metadata.name",
                 f'Invalid value: "{name}": a lowercase RFC 1123 '
-                f'{"label" if rt.key == "namespaces" else "subdomain"} must consist of lower '
+                f"{'label' if rt.key == 'namespaces' else 'subdomain'} must consist of lower "
                 "case alphanumeric characters, '-' or '.', and must start and end with an "
                 "alphanumeric character",
             )
@@ -763,8 +833,9 @@ class Store:
             if not meta.get("name"):
                 gen = meta.get("generateName")
                 if not gen:
-                    raise _invalid(rt, "", "metadata.name",
-                                   "Required value: name or generateName is required")
+                    raise _invalid(
+                        rt, "", "metadata.name", "Required value: name or generateName is required"
+                    )
                 while True:
                     name = gen + "".join(self._rand.choice(_GEN_ALPHABET) for _ in range(5))
                     if (ns, name) not in self._bucket(rt):
@@ -774,11 +845,19 @@ class Store:
             self._apply_defaults(rt, obj)
             self._validate(rt, obj)
             if rt.namespaced and ("", ns) not in self._objects["namespaces"]:
-                raise ApiError(404, "NotFound", f'namespaces "{ns}" not found',
-                               details={"name": ns, "kind": "namespaces"})
+                raise ApiError(
+                    404,
+                    "NotFound",
+                    f'namespaces "{ns}" not found',
+                    details={"name": ns, "kind": "namespaces"},
+                )
             if (ns, name) in self._bucket(rt):
-                raise ApiError(409, "AlreadyExists", f'{rt.qualified} "{name}" already exists',
-                               details={"name": name, "group": rt.group, "kind": rt.plural})
+                raise ApiError(
+                    409,
+                    "AlreadyExists",
+                    f'{rt.qualified} "{name}" already exists',
+                    details={"name": name, "group": rt.group, "kind": rt.plural},
+                )
             if self.strict_status and rt.status_subresource and rt.key != "namespaces":
                 obj.pop("status", None)
                 if rt.key == "pods":
@@ -796,8 +875,13 @@ class Store:
             meta["resourceVersion"] = str(self._next_rv())
             self._bucket(rt)[(ns, name)] = obj
             self._append(rt, EventType.ADDED, obj, None)
-            log.debug("apiserver.created resource=%s ns=%s name=%s rv=%s",
-                      rt.key, ns, name, meta["resourceVersion"])
+            log.debug(
+                "apiserver.created resource=%s ns=%s name=%s rv=%s",
+                rt.key,
+                ns,
+                name,
+                meta["resourceVersion"],
+            )
             return copy.deepcopy(obj)
 
     def _write(
@@ -826,15 +910,21 @@ class Store:
                 f"the name of the object ({body_name}) does not match the name on the URL ({name})"
             )
         if rt.namespaced and meta.get("namespace") not in (None, "", ns):
-            raise _bad_request("the namespace of the provided object does not match the "
-                               "namespace sent on the request")
+            raise _bad_request(
+                "the namespace of the provided object does not match the "
+                "namespace sent on the request"
+            )
         sent_rv = meta.get("resourceVersion")
         if sent_rv:
             if str(sent_rv) != old["metadata"]["resourceVersion"]:
                 raise _conflict(rt, name)
         elif require_rv:
-            raise _invalid(rt, name, "metadata.resourceVersion",
-                           "Invalid value: 0x0: must be specified for an update")
+            raise _invalid(
+                rt,
+                name,
+                "metadata.resourceVersion",
+                "Invalid value: 0x0: must be specified for an update",
+            )
         old_meta = old["metadata"]
         if subresource == "status":
             merged = dict(old)
@@ -883,8 +973,9 @@ class Store:
             old = self._bucket(rt).get((ns, name))
             if old is None:
                 raise _not_found(rt, name)
-            return self._write(rt, ns, name, old, body, subresource=subresource,
-                               require_rv=rt.custom)
+            return self._write(
+                rt, ns, name, old, body, subresource=subresource, require_rv=rt.custom
+            )
 
     def patch(
         self,
@@ -909,8 +1000,11 @@ class Store:
                 except TypeError as e:
                     raise _bad_request(str(e)) from e
                 except (ValueError, IndexError, KeyError) as e:
-                    raise ApiError(422, "Invalid", f"the server rejected our request due to an "
-                                   f"error in our request: {e}") from e
+                    raise ApiError(
+                        422,
+                        "Invalid",
+                        f"the server rejected our request due to an error in our request: {e}",
+                    ) from e
             else:
                 if not isinstance(patch, dict):
                     raise _bad_request(
@@ -939,11 +1033,16 @@ class Store:
                 raise _not_found(rt, name)
             pre = preconditions or {}
             if pre.get("uid") and pre["uid"] != old["metadata"].get("uid"):
-                raise ApiError(409, "Conflict", f'Precondition failed: UID in precondition: '
-                               f'{pre["uid"]}, UID in object meta: {old["metadata"].get("uid")}')
-            if pre.get("resourceVersion") and pre["resourceVersion"] != old["metadata"][
-                "resourceVersion"
-            ]:
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f"Precondition failed: UID in precondition: "
+                    f"{pre['uid']}, UID in object meta: {old['metadata'].get('uid')}",
+                )
+            if (
+                pre.get("resourceVersion")
+                and pre["resourceVersion"] != old["metadata"]["resourceVersion"]
+            ):
                 raise _conflict(rt, name)
             if rt.key == "namespaces":
                 for other in RESOURCES:
@@ -969,8 +1068,13 @@ class Store:
         field_selector: str | None = None,
     ) -> builtins.list[Obj]:
         with self._lock:
-            items, _ = self.list(rt, namespace=namespace, label_selector=label_selector,
-                                 field_selector=field_selector, copy_=False)
+            items, _ = self.list(
+                rt,
+                namespace=namespace,
+                label_selector=label_selector,
+                field_selector=field_selector,
+                copy_=False,
+            )
             return [
                 self.delete(rt, o["metadata"].get("namespace"), o["metadata"]["name"])
                 for o in items
@@ -1010,8 +1114,13 @@ class Store:
         else:
             start = None
         return self._watch_iter(
-            rt, filt, start, timeout=timeout, bookmarks=bookmarks,
-            bookmark_interval=bookmark_interval, send_initial_events=send_initial_events,
+            rt,
+            filt,
+            start,
+            timeout=timeout,
+            bookmarks=bookmarks,
+            bookmark_interval=bookmark_interval,
+            send_initial_events=send_initial_events,
             stop=stop or threading.Event(),
         )
 
@@ -1019,7 +1128,8 @@ class Store:
         return {
             "type": "ERROR",
             "object": ApiError(
-                410, "Expired",
+                410,
+                "Expired",
                 f"too old resource version: {start} ({self._compacted_rv + 1})",
             ).status(),
         }
@@ -1028,8 +1138,10 @@ class Store:
         meta: Obj = {"resourceVersion": str(rv)}
         if initial_end:
             meta["annotations"] = {"k8s.io/initial-events-end": "true"}
-        return {"type": "BOOKMARK",
-                "object": {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": meta}}
+        return {
+            "type": "BOOKMARK",
+            "object": {"kind": rt.kind, "apiVersion": rt.api_version, "metadata": meta},
+        }
 
     def _watch_iter(
         self,
@@ -1069,7 +1181,7 @@ class Store:
                         break
                     if cursor < self._rv:
                         first = self._log[0].rv if self._log else self._rv + 1
-                        for entry in self._log[cursor + 1 - first:]:
+                        for entry in self._log[cursor + 1 - first :]:
                             if entry.resource == rt.key:
                                 ev = self._event_for(entry, filt)
                                 if ev is not None:
@@ -1110,8 +1222,11 @@ class Store:
                 return {"type": "DELETED", "object": entry.obj}
             return None
         if entry.type is EventType.DELETED:
-            return {"type": "DELETED", "object": entry.obj} if (
-                entry.old is not None and filt.matches(entry.old)) else None
+            return (
+                {"type": "DELETED", "object": entry.obj}
+                if (entry.old is not None and filt.matches(entry.old))
+                else None
+            )
         return {"type": entry.type.value, "object": entry.obj} if new_match else None
 
     def wake_watchers(self) -> None:
@@ -1133,11 +1248,17 @@ class Store:
                 "compactedResourceVersion": self._compacted_rv,
                 "objects": {
                     key: [o for _, o in sorted(bucket.items())]
-                    for key, bucket in self._objects.items() if bucket
+                    for key, bucket in self._objects.items()
+                    if bucket
                 },
                 "events": [
-                    {"rv": e.rv, "resource": e.resource, "type": e.type.value,
-                     "object": e.obj, "old": e.old}
+                    {
+                        "rv": e.rv,
+                        "resource": e.resource,
+                        "type": e.type.value,
+                        "object": e.obj,
+                        "old": e.old,
+                    }
                     for e in self._log
                 ],
             }

@@ -156,7 +156,7 @@ def render_config(settings: BgpSettings, *, bridge_command: tuple[str, ...]) -> 
     for p in settings.peers:
         out += [
             f"neighbor {p.address} {{",
-            f"    description \"{settings.node_name}\";",
+            f'    description "{settings.node_name}";',
             f"    router-id {settings.router_id};",
             f"    local-address {p.local_address or settings.local_address};",
             f"    local-as {settings.local_asn};",
@@ -197,7 +197,7 @@ def render_config(settings: BgpSettings, *, bridge_command: tuple[str, ...]) -> 
 
 
 def _quote_arg(arg: str) -> str:
-    if not arg or any(c in arg for c in ' \t"\';{}'):
+    if not arg or any(c in arg for c in " \t\"';{}"):
         raise BgpConfigError(f"bridge_command: argument {arg!r} needs quoting; use a plain path")
     return arg
 

@@ -394,9 +394,7 @@ class Speaker:
             if old is not None:
                 self._close(old)
             log.info("bgp.bridge.connected generation=%d", conn.generation)
-            t = threading.Thread(
-                target=self._read_loop, args=(conn,), name="bgp-read", daemon=True
-            )
+            t = threading.Thread(target=self._read_loop, args=(conn,), name="bgp-read", daemon=True)
             t.start()
 
     def _read_loop(self, conn: _Conn) -> None:
@@ -443,8 +441,10 @@ class Speaker:
                         if peer.stale_deadline is not None and peer.stale_deadline <= now:
                             self._sweep(peer, "stale-timer")
                     conn = self._conn
-                    if conn is not None and not conn.closed and (
-                        conn.needs_resync or self._dirty or self._peers_up
+                    if (
+                        conn is not None
+                        and not conn.closed
+                        and (conn.needs_resync or self._dirty or self._peers_up)
                     ):
                         break
                     deadline = self._next_deadline()

@@ -207,7 +207,8 @@ class Supervisor:
                     if len(deaths) >= self.max_deaths:
                         log.error(
                             "fabric.sidecar.giving-up deaths=%d window_s=%.0f",
-                            len(deaths), self.death_window,
+                            len(deaths),
+                            self.death_window,
                         )
                         return 1
                     seen = _fingerprint((conf, env))
@@ -271,8 +272,12 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser(
         "sidecar", help="wait for the agent-rendered exabgp.conf, run and supervise exabgp"
     )
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help="the agent settings file (its bgp.exabgpConfigDir)")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="the agent settings file (its bgp.exabgpConfigDir)",
+    )
     p.add_argument("--config-dir", default="/var/run/felix-lite/exabgp")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the config")
     p.add_argument("--exabgp", default="exabgp", help="the exabgp executable")

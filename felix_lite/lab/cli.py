@@ -61,27 +61,32 @@ def format_status(status: Mapping[str, Any]) -> str:
         )
         rvs = n.get("programmed_resource_versions") or {}
         if rvs:
-            out.append("  programmed resourceVersions: "
-                       + " ".join(f"{k}={v}" for k, v in sorted(rvs.items())))
+            out.append(
+                "  programmed resourceVersions: "
+                + " ".join(f"{k}={v}" for k, v in sorted(rvs.items()))
+            )
         rows = [("PEER ADDRESS", "PEER AS", "STATE", "SINCE")]
         for p in n.get("bgp", {}).get("peers", []):
             since = str(p.get("since") or "")
             if isinstance(p.get("uptime"), int | float):
                 since += f" ({p['uptime']:.0f}s)"
-            rows.append((str(p.get("address", "")), str(p.get("asn", "")),
-                         str(p.get("state", "")), since))
+            rows.append(
+                (str(p.get("address", "")), str(p.get("asn", "")), str(p.get("state", "")), since)
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         sep = "  +" + "+".join("-" * (w + 2) for w in widths) + "+"
         out.append(sep)
         for i, r in enumerate(rows):
-            out.append("  | " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
-                       + " |")
+            out.append(
+                "  | " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+            )
             if i == 0:
                 out.append(sep)
         out.append(sep)
         routes = n.get("routes", {})
-        out.append(f"  routes: learned {routes.get('learned')}, installed "
-                   f"{routes.get('installed')}")
+        out.append(
+            f"  routes: learned {routes.get('learned')}, installed {routes.get('installed')}"
+        )
         out.append("")
     return "\n".join(out).rstrip()
 
@@ -90,8 +95,9 @@ def format_pods(pods: Sequence[Mapping[str, str]]) -> str:
     rows = [("NAMESPACE", "NAME", "NODE", "IP")]
     rows += [(p["namespace"], p["name"], p["node"], p["ip"]) for p in pods]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 # ------------------------------------------------------------------ oracle
@@ -111,8 +117,9 @@ def expected_matrix(lab: Lab, *, port: int, protocol: str) -> dict[tuple[str, st
     keys = [e.name for e in lab.endpoints()]
     proto = Protocol(protocol.upper())
     return {
-        (s, d): evaluate(state, endpoint_for(state, s), endpoint_for(state, d), port=port,
-                         protocol=proto).allowed
+        (s, d): evaluate(
+            state, endpoint_for(state, s), endpoint_for(state, d), port=port, protocol=proto
+        ).allowed
         for s in keys
         for d in keys
     }
@@ -134,14 +141,26 @@ def _files(args: argparse.Namespace) -> list[dict[str, Any]]:
 def cmd_up(args: argparse.Namespace) -> int:
     from felix_lite.lab.cluster import LabSpec
 
-    lab = _up(LabSpec(nodes=args.nodes, tor=args.tor, state_dir=args.state_dir,
-                      prefix=args.prefix or "", model=not args.empty, timeout=args.timeout))
-    _say(f"kubeconfig: {lab.state.kubeconfig}  (API {lab.state.api_url}, reachable inside "
-         f"netns {lab.state.api_netns}: `ip netns exec {lab.state.api_netns} kubectl "
-         f"--kubeconfig {lab.state.kubeconfig} get pods -A`)")
+    lab = _up(
+        LabSpec(
+            nodes=args.nodes,
+            tor=args.tor,
+            state_dir=args.state_dir,
+            prefix=args.prefix or "",
+            model=not args.empty,
+            timeout=args.timeout,
+        )
+    )
+    _say(
+        f"kubeconfig: {lab.state.kubeconfig}  (API {lab.state.api_url}, reachable inside "
+        f"netns {lab.state.api_netns}: `ip netns exec {lab.state.api_netns} kubectl "
+        f"--kubeconfig {lab.state.kubeconfig} get pods -A`)"
+    )
     _say(f"state: {lab.state.path}  logs: {lab.logs}")
-    _say(f"next: felix-lite lab probe | status | apply -f FILE | down"
-         f"{'' if args.state_dir == DEFAULT_STATE_DIR else ' --state-dir ' + args.state_dir}")
+    _say(
+        f"next: felix-lite lab probe | status | apply -f FILE | down"
+        f"{'' if args.state_dir == DEFAULT_STATE_DIR else ' --state-dir ' + args.state_dir}"
+    )
     return 0
 
 
@@ -232,8 +251,10 @@ def cmd_down(args: argparse.Namespace) -> int:
         problems = Lab(state).down()
     for p in problems:
         _err(f"lab down: {p}")
-    _say(f"lab down: stopped {n_proc} processes, removed {n_ns} namespaces"
-         + (f", {len(problems)} problems" if problems else ""))
+    _say(
+        f"lab down: stopped {n_proc} processes, removed {n_ns} namespaces"
+        + (f", {len(problems)} problems" if problems else "")
+    )
     return 1 if problems else 0
 
 
@@ -243,8 +264,12 @@ def _show_routes(lab: Lab) -> None:
     from felix_lite.rtproto import PROTO_BGP
 
     for n in lab.state.nodes:
-        r = subprocess.run(["ip", "-n", n.netns, "route", "show", "proto", str(PROTO_BGP)],
-                           capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            ["ip", "-n", n.netns, "route", "show", "proto", str(PROTO_BGP)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         _say(f"$ ip -n {n.netns} route show proto {PROTO_BGP}    # {n.name}: learned over BGP")
         _say(r.stdout.rstrip() or "(none)")
 
@@ -260,16 +285,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     objs = load_objects([policies])  # fail before building anything
     _say(f"== 1. up: {args.nodes} nodes, ToR {args.tor}")
-    lab = _up(LabSpec(nodes=args.nodes, tor=args.tor, state_dir=args.state_dir,
-                      prefix=args.prefix or "", timeout=args.timeout))
+    lab = _up(
+        LabSpec(
+            nodes=args.nodes,
+            tor=args.tor,
+            state_dir=args.state_dir,
+            prefix=args.prefix or "",
+            timeout=args.timeout,
+        )
+    )
     rc = 1
     try:
         _say("\n== 2. BGP peers (each node's agent) and learned pod routes")
         _say(format_status(lab.status()))
         _show_routes(lab)
         _say(f"\n== 3. probe TCP/{args.port}, no policy: every pod reaches every pod")
-        _say(format_probe(lab.probe(port=args.port, protocol="TCP"), port=args.port,
-                          protocol="TCP"))
+        _say(
+            format_probe(lab.probe(port=args.port, protocol="TCP"), port=args.port, protocol="TCP")
+        )
         _say(f"\n== 4. apply {policies}")
         for f in sorted(policies.iterdir()) if policies.is_dir() else [policies]:
             _say(f"   {f.name}")
@@ -279,9 +312,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _say(format_probe(results, port=args.port, protocol="TCP"))
         want = expected_matrix(lab, port=args.port, protocol="TCP")
         wrong = [r for r in results if r.src != r.dst and want.get((r.src, r.dst)) != r.connected]
-        _say(f"spec oracle (policy.evaluate): {len(results) - len(wrong)}/{len(results)} cells "
-             f"agree" + ("" if not wrong else ", differ: " + ", ".join(
-                 f"{r.src}->{r.dst}" for r in wrong[:8])))
+        _say(
+            f"spec oracle (policy.evaluate): {len(results) - len(wrong)}/{len(results)} cells "
+            f"agree"
+            + (
+                ""
+                if not wrong
+                else ", differ: " + ", ".join(f"{r.src}->{r.dst}" for r in wrong[:8])
+            )
+        )
         rc = 0 if not wrong else 1
     finally:
         _say("\n== 6. down")
@@ -294,23 +333,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ parser
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
-                   help=f"where the lab keeps its state and logs (default {DEFAULT_STATE_DIR})")
+    p.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"where the lab keeps its state and logs (default {DEFAULT_STATE_DIR})",
+    )
 
 
 def _files_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--filename", dest="files", action="append", required=True,
-                   metavar="FILE|DIR",
-                   help="multi-document YAML: Namespace, Pod, NetworkPolicy, BGPPeer, "
-                        "BGPConfiguration (a directory: its *.yaml, *.yml, *.json)")
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="seconds to wait for every agent (default 30)")
+    p.add_argument(
+        "-f",
+        "--filename",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="FILE|DIR",
+        help="multi-document YAML: Namespace, Pod, NetworkPolicy, BGPPeer, "
+        "BGPConfiguration (a directory: its *.yaml, *.yml, *.json)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for every agent (default 30)"
+    )
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=2, help="node count (default 2)")
-    p.add_argument("--tor", choices=("bird", "frr", "gobgp"), default="bird",
-                   help="the ToR router (default bird)")
+    p.add_argument(
+        "--tor",
+        choices=("bird", "frr", "gobgp"),
+        default="bird",
+        help="the ToR router (default bird)",
+    )
     p.add_argument("--prefix", default="", help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=90.0, help=argparse.SUPPRESS)
 
@@ -321,8 +375,9 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser("up", help="build the lab and wait until it routes every pod")
     _build_args(p)
-    p.add_argument("--empty", action="store_true",
-                   help="no x/y/z a/b/c model pods (apply your own)")
+    p.add_argument(
+        "--empty", action="store_true", help="no x/y/z a/b/c model pods (apply your own)"
+    )
     _common(p)
     p.set_defaults(handler=cmd_up)
 
@@ -361,7 +416,11 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("demo", help="up, peers and routes, probe, apply examples, probe, down")
     _build_args(p)
     p.add_argument("--port", type=int, default=80)
-    p.add_argument("--policies", default=None, metavar="DIR",
-                   help="policies to apply (default examples/policies)")
+    p.add_argument(
+        "--policies",
+        default=None,
+        metavar="DIR",
+        help="policies to apply (default examples/policies)",
+    )
     _common(p)
     p.set_defaults(handler=cmd_demo)

@@ -138,7 +138,10 @@ def _ref(obj: Mapping[str, Any]) -> str:
 
 def _ip_batch(netns: str, batch: str) -> None:
     r = subprocess.run(
-        ["ip", "-n", netns, "-batch", "-"], input=batch, capture_output=True, text=True,
+        ["ip", "-n", netns, "-batch", "-"],
+        input=batch,
+        capture_output=True,
+        text=True,
         check=False,
     )
     if r.returncode != 0:
@@ -244,7 +247,10 @@ class Lab:
             )
         self._children.append(proc)
         rec = ProcRecord(
-            role=role, pid=proc.pid, start=proc_start_time(proc.pid), log=str(log_path),
+            role=role,
+            pid=proc.pid,
+            start=proc_start_time(proc.pid),
+            log=str(log_path),
             netns=netns,
         )
         self.state.add_process(rec)
@@ -332,8 +338,10 @@ class Lab:
         st.tor_netns, st.api_netns = f"{p}t", f"{p}a"
         st.tor_asn = TOR_ASN
         st.api_host, st.api_port = API_ADDR, API_PORT
-        self.out(f"namespaces: ToR {st.tor_netns}, control plane {st.api_netns}, "
-                 f"nodes {p}n1..{p}n{spec.nodes}")
+        self.out(
+            f"namespaces: ToR {st.tor_netns}, control plane {st.api_netns}, "
+            f"nodes {p}n1..{p}n{spec.nodes}"
+        )
         self._new_netns(st.tor_netns)
         self._new_netns(st.api_netns)
         _ip_batch(
@@ -362,9 +370,15 @@ class Lab:
             workdir.mkdir(parents=True, exist_ok=True)
             st.nodes.append(
                 NodeRecord(
-                    name=f"node-{k}", index=k, netns=ns, address=f"10.10.{k}.2",
-                    gateway=f"10.10.{k}.1", asn=TOR_ASN + k, pod_cidr=f"10.244.{k}.0/24",
-                    workdir=str(workdir), health_port=HEALTH_PORT,
+                    name=f"node-{k}",
+                    index=k,
+                    netns=ns,
+                    address=f"10.10.{k}.2",
+                    gateway=f"10.10.{k}.1",
+                    asn=TOR_ASN + k,
+                    pod_cidr=f"10.244.{k}.0/24",
+                    workdir=str(workdir),
+                    health_port=HEALTH_PORT,
                 )
             )
         st.save()
@@ -396,9 +410,19 @@ class Lab:
         self._spawn(
             "apiserver",
             [
-                sys.executable, "-m", "felix_lite.apiserver", "--host", API_ADDR,
-                "--port", str(API_PORT), "--state", str(apidir / "state.json"),
-                "--kubeconfig", st.kubeconfig, "--bookmark-interval", "1",
+                sys.executable,
+                "-m",
+                "felix_lite.apiserver",
+                "--host",
+                API_ADDR,
+                "--port",
+                str(API_PORT),
+                "--state",
+                str(apidir / "state.json"),
+                "--kubeconfig",
+                st.kubeconfig,
+                "--bookmark-interval",
+                "1",
             ],
             log_name="apiserver.log",
             netns=st.api_netns,
@@ -415,8 +439,7 @@ class Lab:
             router_id="10.10.254.1",
             asn=self.state.tor_asn,
             peers=tuple(
-                TorPeer(name=f"n{n.index}", address=n.address, asn=n.asn,
-                        local_address=n.gateway)
+                TorPeer(name=f"n{n.index}", address=n.address, asn=n.asn, local_address=n.gateway)
                 for n in self.state.nodes
             ),
             hold_time=30,
@@ -429,7 +452,9 @@ class Lab:
         from felix_lite.fabric.routers import FrrRouter, make_router
 
         r = make_router(
-            self.state.tor, netns=self.state.tor_netns, config=self.tor_config(),
+            self.state.tor,
+            netns=self.state.tor_netns,
+            config=self.tor_config(),
             workdir=self.dir / "tor",
         )
         if self.state.tor_rundir and isinstance(r, FrrRouter):
@@ -441,7 +466,10 @@ class Lab:
 
         st = self.state
         router = make_router(
-            st.tor, netns=st.tor_netns, config=self.tor_config(), workdir=self.dir / "tor",
+            st.tor,
+            netns=st.tor_netns,
+            config=self.tor_config(),
+            workdir=self.dir / "tor",
             on_pid=self._record_pid(f"tor {st.tor}", st.tor_netns),
         )
         router.start()
@@ -451,8 +479,13 @@ class Lab:
         if st.tor == "gobgp":
             self._spawn(
                 "tor gobgp feeder",
-                [sys.executable, "-m", "felix_lite.lab.gobgpfeed", "--api-port",
-                 str(getattr(router, "api_port", 50051))],
+                [
+                    sys.executable,
+                    "-m",
+                    "felix_lite.lab.gobgpfeed",
+                    "--api-port",
+                    str(getattr(router, "api_port", 50051)),
+                ],
                 log_name="gobgpfeed.log",
                 netns=st.tor_netns,
             )
@@ -465,37 +498,68 @@ class Lab:
             crd = yaml.safe_load(f.read_text())
             with contextlib.suppress(ApiError):
                 c.create(crd)
-        c.create({
-            "apiVersion": "felixlite.io/v1alpha1", "kind": "BGPConfiguration",
-            "metadata": {"name": "default"},
-            "spec": {"asNumber": CLUSTER_ASN, "nodeToNodeMesh": False,
-                     "podCIDRs": [CLUSTER_CIDR]},
-        })
-        for n in self.state.nodes:
-            c.create({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {
-                    "name": n.name,
-                    "labels": {"kubernetes.io/hostname": n.name, "kubernetes.io/os": "linux",
-                               "topology.felixlite.io/rack": "rack1"},
-                    "annotations": {AS_ANNOTATION: str(n.asn)},
+        c.create(
+            {
+                "apiVersion": "felixlite.io/v1alpha1",
+                "kind": "BGPConfiguration",
+                "metadata": {"name": "default"},
+                "spec": {
+                    "asNumber": CLUSTER_ASN,
+                    "nodeToNodeMesh": False,
+                    "podCIDRs": [CLUSTER_CIDR],
                 },
-                "spec": {"podCIDR": n.pod_cidr, "podCIDRs": [n.pod_cidr]},
-            })
-            c.patch("Node", n.name, {"status": {
-                "addresses": [{"type": "InternalIP", "address": n.address},
-                              {"type": "Hostname", "address": n.name}],
-                "conditions": [{"type": "Ready", "status": "True"}],
-            }}, sub="status")
-            c.create({
-                "apiVersion": "felixlite.io/v1alpha1", "kind": "BGPPeer",
-                "metadata": {"name": f"tor-{n.name}"},
-                "spec": {"peerIP": n.gateway, "asNumber": self.state.tor_asn, "node": n.name,
-                         "holdTime": 30, "gracefulRestartSeconds": 120},
-            })
-        self.out(f"API objects: CRDs, BGPConfiguration default (AS {CLUSTER_ASN}, mesh off, "
-                 f"{CLUSTER_CIDR}), {len(self.state.nodes)} Nodes, "
-                 f"{len(self.state.nodes)} BGPPeers (ToR, AS {self.state.tor_asn})")
+            }
+        )
+        for n in self.state.nodes:
+            c.create(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": n.name,
+                        "labels": {
+                            "kubernetes.io/hostname": n.name,
+                            "kubernetes.io/os": "linux",
+                            "topology.felixlite.io/rack": "rack1",
+                        },
+                        "annotations": {AS_ANNOTATION: str(n.asn)},
+                    },
+                    "spec": {"podCIDR": n.pod_cidr, "podCIDRs": [n.pod_cidr]},
+                }
+            )
+            c.patch(
+                "Node",
+                n.name,
+                {
+                    "status": {
+                        "addresses": [
+                            {"type": "InternalIP", "address": n.address},
+                            {"type": "Hostname", "address": n.name},
+                        ],
+                        "conditions": [{"type": "Ready", "status": "True"}],
+                    }
+                },
+                sub="status",
+            )
+            c.create(
+                {
+                    "apiVersion": "felixlite.io/v1alpha1",
+                    "kind": "BGPPeer",
+                    "metadata": {"name": f"tor-{n.name}"},
+                    "spec": {
+                        "peerIP": n.gateway,
+                        "asNumber": self.state.tor_asn,
+                        "node": n.name,
+                        "holdTime": 30,
+                        "gracefulRestartSeconds": 120,
+                    },
+                }
+            )
+        self.out(
+            f"API objects: CRDs, BGPConfiguration default (AS {CLUSTER_ASN}, mesh off, "
+            f"{CLUSTER_CIDR}), {len(self.state.nodes)} Nodes, "
+            f"{len(self.state.nodes)} BGPPeers (ToR, AS {self.state.tor_asn})"
+        )
 
     def agent_config(self, node: NodeRecord) -> AgentConfig:
         w = Path(node.workdir)
@@ -529,8 +593,20 @@ class Lab:
         py = sys.executable
         self._spawn(
             f"agent {node.name}",
-            [py, "-m", "felix_lite", "agent", "--config", str(cfg_path), "--node", node.name,
-             "--kubeconfig", self.state.kubeconfig, "--secret-namespace", SECRET_NAMESPACE],
+            [
+                py,
+                "-m",
+                "felix_lite",
+                "agent",
+                "--config",
+                str(cfg_path),
+                "--node",
+                node.name,
+                "--kubeconfig",
+                self.state.kubeconfig,
+                "--secret-namespace",
+                SECRET_NAMESPACE,
+            ],
             log_name=f"{node.name}-agent.log",
             netns=node.netns,
         )
@@ -540,8 +616,10 @@ class Lab:
             log_name=f"{node.name}-exabgp.log",
             netns=node.netns,
         )
-        self.out(f"{node.name}: netns {node.netns}, {node.address}, AS {node.asn}, "
-                 f"pods {node.pod_cidr}: agent + ExaBGP sidecar started")
+        self.out(
+            f"{node.name}: netns {node.netns}, {node.address}, AS {node.asn}, "
+            f"pods {node.pod_cidr}: agent + ExaBGP sidecar started"
+        )
 
     def model_objects(self) -> list[Obj]:
         from felix_lite.netlab.e2e import model_docs, upstream_model
@@ -550,8 +628,15 @@ class Lab:
         return model_docs(upstream_model(nodes=names))
 
     # ------------------------------------------------------------------ waiting
-    def _wait(self, pred: Callable[[], bool], timeout: float, what: str, *, step: float = 0.1,
-              detail: Callable[[], str] | None = None) -> float:
+    def _wait(
+        self,
+        pred: Callable[[], bool],
+        timeout: float,
+        what: str,
+        *,
+        step: float = 0.1,
+        detail: Callable[[], str] | None = None,
+    ) -> float:
         t0 = time.monotonic()
         while True:
             self._check_alive()
@@ -560,14 +645,14 @@ class Lab:
             if time.monotonic() - t0 > timeout:
                 extra = f": {detail()}" if detail else ""
                 raise LabError(
-                    f"timed out after {timeout:.0f}s waiting for {what}{extra} "
-                    f"(logs: {self.logs})"
+                    f"timed out after {timeout:.0f}s waiting for {what}{extra} (logs: {self.logs})"
                 )
             time.sleep(step)
 
     def _check_alive(self) -> None:
-        dead = [p for p in self.state.processes if not p.alive()
-                and not p.role.startswith("tor frr")]  # FRR's launcher exits by design
+        dead = [
+            p for p in self.state.processes if not p.alive() and not p.role.startswith("tor frr")
+        ]  # FRR's launcher exits by design
         if dead:
             p = dead[0]
             tail = ""
@@ -592,15 +677,21 @@ class Lab:
 
     def wait_established(self, *, timeout: float) -> None:
         self._wait(
-            lambda: all(self.sessions().values()), timeout, "BGP sessions established",
+            lambda: all(self.sessions().values()),
+            timeout,
+            "BGP sessions established",
             step=0.3,
             detail=lambda: "down: " + ", ".join(k for k, v in self.sessions().items() if not v),
         )
         self.out(f"BGP: {len(self.state.nodes)} sessions established with the ToR")
 
     def agent_status(self, node: NodeRecord, path: str = "/status") -> Obj | None:
-        c = KubeClient("127.0.0.1", node.health_port,
-                       socket_factory=netns_socket_factory(node.netns), timeout=3)
+        c = KubeClient(
+            "127.0.0.1",
+            node.health_port,
+            socket_factory=netns_socket_factory(node.netns),
+            timeout=3,
+        )
         try:
             return c.request("GET", path)
         except Exception as e:
@@ -612,10 +703,14 @@ class Lab:
 
     def wait_ready(self, *, timeout: float) -> None:
         self._wait(
-            lambda: all(self.agent_ready(n) for n in self.state.nodes), timeout,
-            "every agent ready (/readyz)", step=0.2,
-            detail=lambda: "not ready: " + ", ".join(
-                n.name for n in self.state.nodes if not self.agent_ready(n)),
+            lambda: all(self.agent_ready(n) for n in self.state.nodes),
+            timeout,
+            "every agent ready (/readyz)",
+            step=0.2,
+            detail=lambda: (
+                "not ready: "
+                + ", ".join(n.name for n in self.state.nodes if not self.agent_ready(n))
+            ),
         )
         self.out(f"agents: {len(self.state.nodes)} ready")
 
@@ -643,8 +738,13 @@ class Lab:
                         lag.append(f"{node} {kind} programmed rv={got} < {want}")
             return not lag
 
-        return self._wait(done, timeout, "every agent to program the change", step=0.02,
-                          detail=lambda: "; ".join(lag))
+        return self._wait(
+            done,
+            timeout,
+            "every agent to program the change",
+            step=0.02,
+            detail=lambda: "; ".join(lag),
+        )
 
     def wait_routes(
         self, *, present: Sequence[PodRecord], absent: Sequence[str], timeout: float
@@ -664,8 +764,13 @@ class Lab:
                         missing.append(f"{n.name} still routes {ip}/32")
             return not missing
 
-        return self._wait(done, timeout, "pod routes on every node", step=0.05,
-                          detail=lambda: "; ".join(missing[:6]))
+        return self._wait(
+            done,
+            timeout,
+            "pod routes on every node",
+            step=0.05,
+            detail=lambda: "; ".join(missing[:6]),
+        )
 
     # ------------------------------------------------------------------ kubelet
     def _pick_node(self, pending: Mapping[str, int]) -> str:
@@ -678,22 +783,30 @@ class Lab:
 
     def _cni(self, node: NodeRecord, command: str, pod: PodRecord) -> Obj:
         conf = {
-            "cniVersion": "1.0.0", "name": CNI_NETWORK, "type": "felix-lite",
+            "cniVersion": "1.0.0",
+            "name": CNI_NETWORK,
+            "type": "felix-lite",
             "ipam": {"podCIDR": node.pod_cidr, "dataDir": str(Path(node.workdir) / "ipam")},
         }
         env = dict(os.environ)
-        env.update({
-            "CNI_COMMAND": command,
-            "CNI_CONTAINERID": pod.container_id,
-            "CNI_NETNS": f"/var/run/netns/{pod.netns}",
-            "CNI_IFNAME": "eth0",
-            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};"
-                        f"K8S_POD_NAME={pod.name}",
-            "CNI_PATH": "/usr/lib/cni",
-        })
+        env.update(
+            {
+                "CNI_COMMAND": command,
+                "CNI_CONTAINERID": pod.container_id,
+                "CNI_NETNS": f"/var/run/netns/{pod.netns}",
+                "CNI_IFNAME": "eth0",
+                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};"
+                f"K8S_POD_NAME={pod.name}",
+                "CNI_PATH": "/usr/lib/cni",
+            }
+        )
         r = subprocess.run(
             ["ip", "netns", "exec", node.netns, "felix-lite-cni"],
-            input=json.dumps(conf), capture_output=True, text=True, env=env, timeout=30,
+            input=json.dumps(conf),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
             check=False,
         )
         if r.returncode != 0:
@@ -708,7 +821,9 @@ class Lab:
         meta = obj["metadata"]
         st = self.state
         pod = PodRecord(
-            namespace=meta["namespace"], name=meta["name"], node=node_name,
+            namespace=meta["namespace"],
+            name=meta["name"],
+            node=node_name,
             netns=st.next_pod_netns(),
             container_id=re.sub(r"[^A-Za-z0-9_.-]", "-", f"{meta['namespace']}_{meta['name']}"),
         )
@@ -727,9 +842,15 @@ class Lab:
         st.save()
         pod.server = self._spawn(
             f"pod {pod.key}",
-            [sys.executable, "-m", "felix_lite.lab.podserver",
-             "--tcp", ",".join(map(str, pod.tcp_ports)),
-             "--udp", ",".join(map(str, pod.udp_ports))],
+            [
+                sys.executable,
+                "-m",
+                "felix_lite.lab.podserver",
+                "--tcp",
+                ",".join(map(str, pod.tcp_ports)),
+                "--udp",
+                ",".join(map(str, pod.udp_ports)),
+            ],
             log_name=f"pod-{pod.namespace}-{pod.name}.log",
             netns=pod.netns,
         )
@@ -765,8 +886,7 @@ class Lab:
             return False
 
         todo = list(pods)
-        self._wait(lambda: all(ready(p) for p in todo), timeout, "pod servers listening",
-                   step=0.02)
+        self._wait(lambda: all(ready(p) for p in todo), timeout, "pod servers listening", step=0.02)
 
     # ------------------------------------------------------------------ apply / delete
     def apply_objects(
@@ -778,8 +898,7 @@ class Lab:
             kind = obj.get("kind")
             if kind not in APPLY_KINDS:
                 raise LabError(
-                    f"object {i} ({_ref(obj)}): kind: the lab applies "
-                    f"{', '.join(APPLY_KINDS)}"
+                    f"object {i} ({_ref(obj)}): kind: the lab applies {', '.join(APPLY_KINDS)}"
                 )
             if not (obj.get("metadata") or {}).get("name"):
                 raise LabError(f"object {i} ({_ref(obj)}): metadata.name: required")
@@ -807,9 +926,13 @@ class Lab:
                 if cur is not None and f"{ns}/{meta['name']}" in self.state.pods:
                     want = meta.get("labels") or {}
                     if (cur["metadata"].get("labels") or {}) != want:
-                        res = c.patch("Pod", meta["name"], [
-                            {"op": "add", "path": "/metadata/labels", "value": want}],
-                            namespace=ns, json_patch=True)
+                        res = c.patch(
+                            "Pod",
+                            meta["name"],
+                            [{"op": "add", "path": "/metadata/labels", "value": want}],
+                            namespace=ns,
+                            json_patch=True,
+                        )
                         bump("Pod", res)
                         rep.updated.append(ref)
                     else:
@@ -857,8 +980,9 @@ class Lab:
         rep.seconds = time.monotonic() - t0
         return rep
 
-    def _realise_pods(self, new_pods: Sequence[tuple[Obj, str]], c: KubeClient,
-                      rep: ApplyReport) -> list[PodRecord]:
+    def _realise_pods(
+        self, new_pods: Sequence[tuple[Obj, str]], c: KubeClient, rep: ApplyReport
+    ) -> list[PodRecord]:
         if not new_pods:
             return []
         # one worker per node: CNI ADDs of a node serialise on its IPAM lock anyway
@@ -884,11 +1008,21 @@ class Lab:
         self._wait_servers(done)
         for pod in done:
             host = self.state.node(pod.node)
-            res = c.patch("Pod", pod.name, {"status": {
-                "phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}],
-                "hostIP": host.address,
-                "conditions": [{"type": "Ready", "status": "True"}],
-            }}, namespace=pod.namespace, sub="status")
+            res = c.patch(
+                "Pod",
+                pod.name,
+                {
+                    "status": {
+                        "phase": "Running",
+                        "podIP": pod.ip,
+                        "podIPs": [{"ip": pod.ip}],
+                        "hostIP": host.address,
+                        "conditions": [{"type": "Ready", "status": "True"}],
+                    }
+                },
+                namespace=pod.namespace,
+                sub="status",
+            )
             rep.rvs["Pod"] = max(rep.rvs.get("Pod", 0), resource_version(res))
         return done
 
@@ -915,14 +1049,19 @@ class Lab:
                 gone_ips.append(pod.ip)
 
         # reverse apply order: pods first, namespaces last
-        for obj in sorted(objs, key=lambda o: -APPLY_KINDS.index(o.get("kind", "Pod"))
-                          if o.get("kind") in APPLY_KINDS else 0):
+        for obj in sorted(
+            objs,
+            key=lambda o: (
+                -APPLY_KINDS.index(o.get("kind", "Pod")) if o.get("kind") in APPLY_KINDS else 0
+            ),
+        ):
             kind, meta = obj.get("kind"), obj.get("metadata") or {}
             if kind not in APPLY_KINDS:
                 raise LabError(f"{_ref(obj)}: kind: the lab deletes {', '.join(APPLY_KINDS)}")
             name = meta.get("name")
-            ns = meta.get("namespace") or ("default" if kind in ("Pod", "NetworkPolicy",
-                                                                   "Secret") else None)
+            ns = meta.get("namespace") or (
+                "default" if kind in ("Pod", "NetworkPolicy", "Secret") else None
+            )
             if kind == "Pod":
                 delete_pod(str(ns), str(name))
                 continue
@@ -934,8 +1073,12 @@ class Lab:
                     for item in c.list("Pod", namespace=str(name)).get("items", []):
                         delete_pod(str(name), item["metadata"]["name"])
                     for item in c.list("NetworkPolicy", namespace=str(name)).get("items", []):
-                        bump("NetworkPolicy", c.delete("NetworkPolicy", item["metadata"]["name"],
-                                                       namespace=str(name)))
+                        bump(
+                            "NetworkPolicy",
+                            c.delete(
+                                "NetworkPolicy", item["metadata"]["name"], namespace=str(name)
+                            ),
+                        )
             ref = _ref({"kind": kind, "metadata": {"name": name, "namespace": ns}})
             try:
                 bump(str(kind), c.delete(str(kind), str(name), namespace=ns))
@@ -964,8 +1107,9 @@ class Lab:
             if p.ip
         ]
 
-    def probe(self, *, port: int = 80, protocol: str = "TCP",
-              timeout: float = 1.0) -> list[ProbeResult]:
+    def probe(
+        self, *, port: int = 80, protocol: str = "TCP", timeout: float = 1.0
+    ) -> list[ProbeResult]:
         eps = self.endpoints()
         if not eps:
             return []
@@ -980,8 +1124,11 @@ class Lab:
             st = self.agent_status(n)
             ready = self.agent_ready(n)
             installed = len(kernel_routes(n.netns, proto=PROTO_BGP))
-            nodes.append(node_status(n, st, ready=ready, installed=installed,
-                                     tor_established=sessions.get(n.name)))
+            nodes.append(
+                node_status(
+                    n, st, ready=ready, installed=installed, tor_established=sessions.get(n.name)
+                )
+            )
         return {"nodes": nodes}
 
     # ------------------------------------------------------------------ down
@@ -1029,8 +1176,9 @@ class Lab:
                 continue
             with contextlib.suppress(Exception):
                 self._kill_netns_procs(name)
-            r = subprocess.run(["ip", "netns", "delete", name], capture_output=True, text=True,
-                               check=False)
+            r = subprocess.run(
+                ["ip", "netns", "delete", name], capture_output=True, text=True, check=False
+            )
             if r.returncode != 0:
                 problems.append(f"netns {name}: {r.stderr.strip()}")
         st.processes = [p for p in st.processes if p.alive()]
@@ -1062,9 +1210,15 @@ def programmed_rvs(status: Mapping[str, Any]) -> dict[str, int]:
     out: dict[str, int] = {}
     if not isinstance(raw, Mapping):
         return out
-    plural = {"networkpolicies": "networkpolicy", "pods": "pod", "namespaces": "namespace",
-              "nodes": "node", "bgppeers": "bgppeer", "bgpconfigurations": "bgpconfiguration",
-              "secrets": "secret"}
+    plural = {
+        "networkpolicies": "networkpolicy",
+        "pods": "pod",
+        "namespaces": "namespace",
+        "nodes": "node",
+        "bgppeers": "bgppeer",
+        "bgpconfigurations": "bgpconfiguration",
+        "secrets": "secret",
+    }
     for k, v in raw.items():
         key = str(k).lower().split(".")[0]
         key = plural.get(key, key)
@@ -1082,8 +1236,14 @@ def _first(d: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
-def node_status(node: NodeRecord, st: Mapping[str, Any] | None, *, ready: bool,
-                installed: int, tor_established: bool | None = None) -> dict[str, Any]:
+def node_status(
+    node: NodeRecord,
+    st: Mapping[str, Any] | None,
+    *,
+    ready: bool,
+    installed: int,
+    tor_established: bool | None = None,
+) -> dict[str, Any]:
     """One entry of `lab status --json`, from the agent's /status (tolerant of its shape)."""
     st = st or {}
     raw_bgp = st.get("bgp")
@@ -1106,9 +1266,15 @@ def node_status(node: NodeRecord, st: Mapping[str, Any] | None, *, ready: bool,
         entry["since"] = since
         peers.append(entry)
     if not peers and tor_established is not None:
-        peers.append({"address": node.gateway, "asn": TOR_ASN,
-                      "state": "established" if tor_established else "down", "since": None,
-                      "source": "tor"})
+        peers.append(
+            {
+                "address": node.gateway,
+                "asn": TOR_ASN,
+                "state": "established" if tor_established else "down",
+                "since": None,
+                "source": "tor",
+            }
+        )
     raw_routes = st.get("routes") if isinstance(st.get("routes"), Mapping) else bgp.get("routes")
     routes: Mapping[str, Any] = raw_routes if isinstance(raw_routes, Mapping) else {}
     learned = _first(routes, "learned", default=None)

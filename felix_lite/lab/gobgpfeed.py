@@ -35,9 +35,7 @@ def commands(line: str) -> list[str]:
         prefix = (path.get("nlri") or {}).get("prefix")
         if not prefix:
             continue
-        nh = next(
-            (a.get("nexthop") for a in path.get("attrs", []) if a.get("type") == 3), None
-        )
+        nh = next((a.get("nexthop") for a in path.get("attrs", []) if a.get("type") == 3), None)
         if path.get("withdrawal"):
             out.append(f"route del {prefix} proto {FEED_PROTO}\n")
         elif nh and nh != "0.0.0.0":

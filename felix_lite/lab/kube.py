@@ -173,9 +173,7 @@ class KubeClient:
     # --- verbs ---------------------------------------------------------------
     def create(self, obj: Obj) -> Obj:
         meta = obj.get("metadata") or {}
-        return self.request(
-            "POST", object_path(obj["kind"], namespace=meta.get("namespace")), obj
-        )
+        return self.request("POST", object_path(obj["kind"], namespace=meta.get("namespace")), obj)
 
     def get(self, kind: str, name: str, *, namespace: str | None = None) -> Obj:
         return self.request("GET", object_path(kind, name, namespace=namespace))

@@ -85,8 +85,11 @@ def upstream_model(
 def namespace_doc(ns: ModelNamespace) -> dict[str, Any]:
     labels = dict(ns.labels)
     labels[NS_NAME_LABEL] = ns.name  # the apiserver always sets it
-    return {"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": ns.name, "labels": labels}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": ns.name, "labels": labels},
+    }
 
 
 def pod_doc(pod: ModelPod) -> dict[str, Any]:
@@ -94,8 +97,9 @@ def pod_doc(pod: ModelPod) -> dict[str, Any]:
         {
             "name": f"cont-{port}-{proto.lower()}",
             "image": "registry.k8s.io/e2e-test-images/agnhost:2.43",
-            "ports": [{"containerPort": port, "protocol": proto,
-                       "name": f"serve-{port}-{proto.lower()}"}],
+            "ports": [
+                {"containerPort": port, "protocol": proto, "name": f"serve-{port}-{proto.lower()}"}
+            ],
         }
         for port, proto in pod.ports
     ]

@@ -77,8 +77,18 @@ class PolicyCtl:
     def apply(self, docs: Sequence[dict[str, Any]]) -> str:
         d = self.write_docs(docs)
         out = self._exec(
-            ["policy", "apply", "--node", self.node, "-f", str(d),
-             "--backend", self.backend, "--state-dir", str(self.state_dir)]
+            [
+                "policy",
+                "apply",
+                "--node",
+                self.node,
+                "-f",
+                str(d),
+                "--backend",
+                self.backend,
+                "--state-dir",
+                str(self.state_dir),
+            ]
         )
         log.info("policyctl.applied netns=%s dir=%s", self.netns, d)
         return out

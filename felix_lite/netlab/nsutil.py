@@ -41,9 +41,7 @@ class CommandRunner(Protocol):
 
 def run_command(argv: Sequence[str], *, stdin: str | None = None) -> str:
     """The real `CommandRunner`: subprocess, no shell, stdout returned."""
-    proc = subprocess.run(
-        list(argv), input=stdin, capture_output=True, text=True, check=False
-    )
+    proc = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip()
         raise NetnsError(f"command failed rc={proc.returncode}: {' '.join(argv)}: {detail}")
@@ -54,9 +52,7 @@ def netns_exists(name: str) -> bool:
     return netns_path(name).exists()
 
 
-def sockets_in_netns(
-    name: str, count: int, *, type_: int, proto: int = 0
-) -> list[socket.socket]:
+def sockets_in_netns(name: str, count: int, *, type_: int, proto: int = 0) -> list[socket.socket]:
     """`count` non-blocking AF_INET sockets created inside netns `name`."""
 
     def make() -> list[socket.socket]:

@@ -193,7 +193,10 @@ def probe_matrix(
     out = probe_pairs(pairs, port=port, protocol=protocol, timeout=timeout)
     log.debug(
         "probe.matrix port=%d protocol=%s cells=%d seconds=%.3f",
-        port, _as_protocol(protocol).value, len(pairs), time.monotonic() - t0,
+        port,
+        _as_protocol(protocol).value,
+        len(pairs),
+        time.monotonic() - t0,
     )
     return out
 
@@ -209,9 +212,9 @@ def probe_one(
 ) -> ProbeResult:
     """One probe; `source_ip` binds the client to that address inside `src`."""
     ips = {src.name: source_ip} if source_ip else None
-    return probe_pairs(
-        [(src, dst)], port=port, protocol=protocol, timeout=timeout, source_ips=ips
-    )[0]
+    return probe_pairs([(src, dst)], port=port, protocol=protocol, timeout=timeout, source_ips=ips)[
+        0
+    ]
 
 
 def results_json(

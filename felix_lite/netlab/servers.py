@@ -107,8 +107,13 @@ class ServerProcess:
 
     def add(self, spec: ServeSpec) -> None:
         reply = self._call(
-            {"op": "add", "key": spec.key, "netns": spec.netns,
-             "ports": list(spec.ports), "protocols": list(spec.protocols)}
+            {
+                "op": "add",
+                "key": spec.key,
+                "netns": spec.netns,
+                "ports": list(spec.ports),
+                "protocols": list(spec.protocols),
+            }
         )
         if reply.get("skipped"):
             self.skipped[spec.key] = list(reply["skipped"])
@@ -293,7 +298,8 @@ def serve_forever(inp: IO[str], out: IO[str]) -> None:
                     msg = json.loads(line)
                     if msg["op"] == "add":
                         skipped = srv.add(
-                            str(msg["key"]), str(msg["netns"]),
+                            str(msg["key"]),
+                            str(msg["netns"]),
                             [int(p) for p in msg.get("ports", DEFAULT_PORTS)],
                             [str(p).upper() for p in msg.get("protocols", DEFAULT_PROTOCOLS)],
                         )

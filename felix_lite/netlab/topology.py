@@ -341,10 +341,19 @@ class Topology:
         if route_on_node:
             node = self.nodes[h.node]
             self._run(
-                ["ip", "-n", node.netns, "route", "replace", f"{ip}/32",
-                 "dev", h.host_iface, "scope", "link"]
+                [
+                    "ip",
+                    "-n",
+                    node.netns,
+                    "route",
+                    "replace",
+                    f"{ip}/32",
+                    "dev",
+                    h.host_iface,
+                    "scope",
+                    "link",
+                ]
             )
-
 
     def remove_pod_address(self, key: str, ip: str) -> None:
         """Undo `add_pod_address` (address and the node's route, if any)."""
@@ -353,5 +362,3 @@ class Topology:
         with contextlib.suppress(NetnsError):
             self._run(["ip", "-n", node.netns, "route", "del", f"{ip}/32", "dev", h.host_iface])
         self._run(["ip", "-n", h.netns, "addr", "del", f"{ip}/32", "dev", POD_IFACE])
-
-

@@ -66,8 +66,9 @@ class LabHandle:
         return run_lab(self.dir, *args, **kw)
 
     def up(self) -> LabHandle:
-        self.up_output = self("up", "--nodes", str(self.nodes), "--tor", self.tor,
-                              "--prefix", self.prefix)
+        self.up_output = self(
+            "up", "--nodes", str(self.nodes), "--tor", self.tor, "--prefix", self.prefix
+        )
         return self
 
     def json(self, *args: str) -> Any:
@@ -99,8 +100,9 @@ def probe(lab: LabHandle, *, port: int = 80, protocol: str = "tcp") -> dict[tupl
     return {(r["from"], r["to"]): r["connected"] for r in doc["results"]}
 
 
-def oracle(objs: list[dict[str, Any]], pods: list[str], *, port: int,
-           protocol: str) -> dict[tuple[str, str], bool]:
+def oracle(
+    objs: list[dict[str, Any]], pods: list[str], *, port: int, protocol: str
+) -> dict[tuple[str, str], bool]:
     """The spec's answer (policy.evaluate) for the same objects, independent of the lab."""
     from policy.evaluate import endpoint_for, evaluate
     from policy.model import Protocol
@@ -109,9 +111,15 @@ def oracle(objs: list[dict[str, Any]], pods: list[str], *, port: int,
     state, errors = build_cluster(objs)
     assert not errors, errors
     return {
-        (s, d): evaluate(state, endpoint_for(state, s), endpoint_for(state, d), port=port,
-                         protocol=Protocol(protocol.upper())).allowed
-        for s in pods for d in pods
+        (s, d): evaluate(
+            state,
+            endpoint_for(state, s),
+            endpoint_for(state, d),
+            port=port,
+            protocol=Protocol(protocol.upper()),
+        ).allowed
+        for s in pods
+        for d in pods
     }
 
 
@@ -130,8 +138,11 @@ def model_with_ips(lab: LabHandle) -> list[dict[str, Any]]:
 
 
 def differing(want: dict[tuple[str, str], bool], got: dict[tuple[str, str], bool]) -> list[str]:
-    return [f"{s}->{d} want {want[(s, d)]} got {got.get((s, d))}"
-            for (s, d) in want if s != d and got.get((s, d)) is not want[(s, d)]]
+    return [
+        f"{s}->{d} want {want[(s, d)]} got {got.get((s, d))}"
+        for (s, d) in want
+        if s != d and got.get((s, d)) is not want[(s, d)]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +185,9 @@ def test_pods_json_spread_over_nodes_with_ips_of_their_node(lab2: LabHandle) -> 
     for p in pods:
         rec = st["pods"][f"{p['namespace']}/{p['name']}"]
         node_ns = next(n["netns"] for n in st["nodes"] if n["name"] == p["node"])
-        routes = subprocess.run(["ip", "-n", node_ns, "route", "show", f"{p['ip']}/32"],
-                                capture_output=True, text=True).stdout
+        routes = subprocess.run(
+            ["ip", "-n", node_ns, "route", "show", f"{p['ip']}/32"], capture_output=True, text=True
+        ).stdout
         assert rec["host_ifname"] in routes
 
 
@@ -217,12 +229,25 @@ def test_pod_created_by_apply_is_routed_and_deleted_pod_withdrawn(
 ) -> None:
     from felix_lite.lab.state import ProcRecord
 
-    f = write_yaml(tmp_path / "pod.yaml", [{
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"namespace": "y", "name": "new", "labels": {"pod": "new"}},
-        "spec": {"containers": [{"name": "c", "image": "i", "ports": [
-            {"containerPort": 80, "protocol": "TCP"}]}]},
-    }])
+    f = write_yaml(
+        tmp_path / "pod.yaml",
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"namespace": "y", "name": "new", "labels": {"pod": "new"}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": "i",
+                            "ports": [{"containerPort": 80, "protocol": "TCP"}],
+                        }
+                    ]
+                },
+            }
+        ],
+    )
     lab2("apply", "-f", str(f))
     pods = {f"{p['namespace']}/{p['name']}": p for p in lab2.json("pods")}
     new = pods["y/new"]
@@ -231,16 +256,22 @@ def test_pod_created_by_apply_is_routed_and_deleted_pod_withdrawn(
     st = lab2.state()
     rec = st["pods"]["y/new"]
     other = next(n for n in st["nodes"] if n["name"] != new["node"])
-    learned = subprocess.run(["ip", "-n", other["netns"], "route", "show", "proto", "202"],
-                             capture_output=True, text=True).stdout
+    learned = subprocess.run(
+        ["ip", "-n", other["netns"], "route", "show", "proto", "202"],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert f"{new['ip']} via" in learned
     got = probe(lab2)
     assert got[("x/a", "y/new")] and got[("y/new", "x/a")]  # x/a is on node-1
     lab2("delete", "-f", str(f))
     assert "y/new" not in {f"{p['namespace']}/{p['name']}" for p in lab2.json("pods")}
     for n in st["nodes"]:
-        routes = subprocess.run(["ip", "-n", n["netns"], "route", "show", f"{new['ip']}/32"],
-                                capture_output=True, text=True).stdout
+        routes = subprocess.run(
+            ["ip", "-n", n["netns"], "route", "show", f"{new['ip']}/32"],
+            capture_output=True,
+            text=True,
+        ).stdout
         assert routes.strip() == "", (n["name"], routes)
     assert rec["netns"] not in _netns_with(lab2.prefix)
     assert not ProcRecord(**rec["server"]).alive()
@@ -252,23 +283,36 @@ def test_label_changes_on_pod_and_namespace_change_enforcement(
     model = model_with_ips(lab2)
     pods = [f"{ns}/{n}" for ns in "xyz" for n in "abc"]
     policy = {
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
         "metadata": {"namespace": "x", "name": "a-from-blue-clients"},
         "spec": {
             "podSelector": {"matchLabels": {"pod": "a"}},
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": [{
-                "namespaceSelector": {"matchLabels": {"team": "blue"}},
-                "podSelector": {"matchLabels": {"role": "client"}},
-            }]}],
+            "ingress": [
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {"matchLabels": {"team": "blue"}},
+                            "podSelector": {"matchLabels": {"role": "client"}},
+                        }
+                    ]
+                }
+            ],
         },
     }
     pf = write_yaml(tmp_path / "policy.yaml", [policy])
-    y_b = next(d for d in model if d["kind"] == "Pod" and d["metadata"]["namespace"] == "y"
-               and d["metadata"]["name"] == "b")
+    y_b = next(
+        d
+        for d in model
+        if d["kind"] == "Pod" and d["metadata"]["namespace"] == "y" and d["metadata"]["name"] == "b"
+    )
     ns_z = next(d for d in model if d["kind"] == "Namespace" and d["metadata"]["name"] == "z")
-    z_c = next(d for d in model if d["kind"] == "Pod" and d["metadata"]["namespace"] == "z"
-               and d["metadata"]["name"] == "c")
+    z_c = next(
+        d
+        for d in model
+        if d["kind"] == "Pod" and d["metadata"]["namespace"] == "z" and d["metadata"]["name"] == "c"
+    )
     lab2("apply", "-f", str(pf))
     try:
         got = probe(lab2)
@@ -292,7 +336,8 @@ def test_label_changes_on_pod_and_namespace_change_enforcement(
         assert not got[("z/c", "x/a")] and not got[("y/b", "x/a")]
         # a label change never recreates a pod: same IPs
         assert {p["ip"] for p in lab2.json("pods")} == {
-            d["status"]["podIP"] for d in model if d["kind"] == "Pod"}
+            d["status"]["podIP"] for d in model if d["kind"] == "Pod"
+        }
     finally:
         lab2("delete", "-f", str(pf))
         y_b["metadata"]["labels"] = {"pod": "b"}
@@ -304,8 +349,14 @@ def test_status_json_shape(lab2: LabHandle) -> None:
     st = lab2.json("status")
     assert [n["name"] for n in st["nodes"]] == ["node-1", "node-2"]
     for n in st["nodes"]:
-        assert {"name", "ready", "generation", "programmed_resource_versions", "bgp",
-                "routes"} <= set(n)
+        assert {
+            "name",
+            "ready",
+            "generation",
+            "programmed_resource_versions",
+            "bgp",
+            "routes",
+        } <= set(n)
         assert n["ready"] is True
         assert isinstance(n["generation"], int) and n["generation"] > 0
         assert int(n["programmed_resource_versions"]["networkpolicy"]) > 0
@@ -328,8 +379,10 @@ def test_second_up_is_a_clear_error(lab2: LabHandle) -> None:
 
 
 def test_apply_rejects_unknown_kind_naming_it(lab2: LabHandle, tmp_path: Path) -> None:
-    f = write_yaml(tmp_path / "svc.yaml", [
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "x"}}])
+    f = write_yaml(
+        tmp_path / "svc.yaml",
+        [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "x"}}],
+    )
     out = run_lab(lab2.dir, "apply", "-f", str(f), check=False)
     assert "Service x/s" in out and "kind" in out
 
@@ -390,8 +443,11 @@ def test_failed_up_cleans_up_everything_it_made(tmp_path: Path) -> None:
         assert f"netns {blocker}: already exists" in out
         assert "logs:" in out
         assert _netns_with(lab.prefix) == [blocker]
-        state = json.loads((lab.dir / "lab.json").read_text()) if (
-            lab.dir / "lab.json").exists() else {"processes": []}
+        state = (
+            json.loads((lab.dir / "lab.json").read_text())
+            if (lab.dir / "lab.json").exists()
+            else {"processes": []}
+        )
         from felix_lite.lab.state import ProcRecord
 
         assert not [p for p in state["processes"] if ProcRecord(**p).alive()]
@@ -435,10 +491,16 @@ def test_bgp_peer_change_reloads_exabgp_and_traffic_keeps_flowing(tmp_path: Path
         assert "hold-time 30;" in conf.read_text()
         sidecar = next(p for p in lab.state()["processes"] if p["role"] == "sidecar node-1")
         peer = {
-            "apiVersion": "felixlite.io/v1alpha1", "kind": "BGPPeer",
+            "apiVersion": "felixlite.io/v1alpha1",
+            "kind": "BGPPeer",
             "metadata": {"name": "tor-node-1"},
-            "spec": {"peerIP": "10.10.1.1", "asNumber": 65000, "node": "node-1",
-                     "holdTime": 45, "gracefulRestartSeconds": 120},
+            "spec": {
+                "peerIP": "10.10.1.1",
+                "asNumber": 65000,
+                "node": "node-1",
+                "holdTime": 45,
+                "gracefulRestartSeconds": 120,
+            },
         }
         run_lab(lab.dir, "apply", "-f", str(write_yaml(tmp_path / "peer.yaml", [peer])))
         from tests.functional.test_agent import wait_for

@@ -61,8 +61,10 @@ SUBSET = (
 def _selected() -> list[str]:
     if os.environ.get("FL_LAB_CONFORMANCE", "").lower() == "subset":
         return list(SUBSET)
-    return sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conformance"
-                                   / "cases").glob("*.yaml"))
+    return sorted(
+        p.stem
+        for p in (Path(__file__).resolve().parents[1] / "conformance" / "cases").glob("*.yaml")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +101,17 @@ def _reset(lab: LabHandle, tmp: Path, ips: dict[str, str], nodes: dict[str, str]
 
     live = Lab.open(str(lab.dir)).client().list("NetworkPolicy").get("items", [])
     if live:
-        docs = [{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                 "metadata": {"namespace": p["metadata"]["namespace"],
-                              "name": p["metadata"]["name"]}} for p in live]
+        docs = [
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {
+                    "namespace": p["metadata"]["namespace"],
+                    "name": p["metadata"]["name"],
+                },
+            }
+            for p in live
+        ]
         lab("delete", "-f", str(write_yaml(tmp / "reset-delete.yaml", docs)))
     lab("apply", "-f", str(write_yaml(tmp / "reset-labels.yaml", model_objects(ips, nodes))))
 
@@ -129,9 +139,16 @@ def test_case_across_two_nodes(
             for j, probe in enumerate(step.probes):
                 if probe.protocol == "SCTP":
                     continue
-                doc: dict[str, Any] = json.loads(lab(
-                    "probe", "--json", "--port", str(probe.port),
-                    "--protocol", probe.protocol.lower()))
+                doc: dict[str, Any] = json.loads(
+                    lab(
+                        "probe",
+                        "--json",
+                        "--port",
+                        str(probe.port),
+                        "--protocol",
+                        probe.protocol.lower(),
+                    )
+                )
                 observed = {(r["from"], r["to"]): r["connected"] for r in doc["results"]}
                 probed += 1
                 wrong = mismatches(probe.expected, observed)

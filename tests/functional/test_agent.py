@@ -78,11 +78,27 @@ class AgentLab:
 
     def start_api(self) -> None:
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, sys.executable, "-m", "felix_lite.apiserver",
-             "--port", str(API_PORT), "--state", str(self.tmp / "api-state.json"),
-             "--kubeconfig", str(self.kubeconfig), "--bookmark-interval", "1",
-             "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=open(self.tmp / "api.log", "wb"),  # noqa: SIM115
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns,
+                sys.executable,
+                "-m",
+                "felix_lite.apiserver",
+                "--port",
+                str(API_PORT),
+                "--state",
+                str(self.tmp / "api-state.json"),
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--bookmark-interval",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=open(self.tmp / "api.log", "wb"),  # noqa: SIM115
         )
         self.procs.append(proc)
         assert proc.stdout is not None
@@ -107,13 +123,24 @@ class AgentLab:
     def start_agent(self, *extra: str, routing: bool = False) -> subprocess.Popen[bytes]:
         if not self.config.exists():
             self.write_config()
-        argv = ["ip", "netns", "exec", self.ns, "felix-lite", "agent", "--config",
-                str(self.config), "--kubeconfig", str(self.kubeconfig),
-                "--secret-namespace", "kube-system", *extra]
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.ns,
+            "felix-lite",
+            "agent",
+            "--config",
+            str(self.config),
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--secret-namespace",
+            "kube-system",
+            *extra,
+        ]
         if not routing:
             argv.append("--no-routing")
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                stderr=open(self.agent_log, "ab"))  # noqa: SIM115
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(self.agent_log, "ab"))  # noqa: SIM115
         self.procs.append(proc)
         self.agent = proc
         return proc
@@ -185,12 +212,20 @@ class AgentLab:
     # ---- kernel (read only, inside the netns)
 
     def iptables(self) -> str:
-        return subprocess.run(["ip", "netns", "exec", self.ns, "iptables-nft-save", "-t",
-                               "filter"], capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            ["ip", "netns", "exec", self.ns, "iptables-nft-save", "-t", "filter"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
 
     def ipsets(self) -> dict[str, set[str]]:
-        out = subprocess.run(["ip", "netns", "exec", self.ns, "ipset", "save"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.ns, "ipset", "save"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         sets: dict[str, set[str]] = {}
         for line in out.splitlines():
             parts = line.split()
@@ -209,12 +244,17 @@ class AgentLab:
         body = {"metadata": {"name": name, "labels": labels or {}}}
         return _rv(self.k8s(lambda a: client.CoreV1Api(a).create_namespace(body)))
 
-    def pod(self, ns: str, name: str, *, ip: str, node: str = NODE,
-            labels: dict[str, str] | None = None) -> int:
+    def pod(
+        self, ns: str, name: str, *, ip: str, node: str = NODE, labels: dict[str, str] | None = None
+    ) -> int:
         body = {
             "metadata": {"name": name, "namespace": ns, "labels": labels or {"pod": name}},
-            "spec": {"nodeName": node, "containers": [
-                {"name": "c", "image": "x", "ports": [{"name": "http", "containerPort": 80}]}]},
+            "spec": {
+                "nodeName": node,
+                "containers": [
+                    {"name": "c", "image": "x", "ports": [{"name": "http", "containerPort": 80}]}
+                ],
+            },
         }
 
         def make(a: client.ApiClient) -> Any:
@@ -227,8 +267,13 @@ class AgentLab:
         return _rv(self.k8s(make))
 
     def label_pod(self, ns: str, name: str, labels: dict[str, str]) -> int:
-        return _rv(self.k8s(lambda a: client.CoreV1Api(a).patch_namespaced_pod(
-            name, ns, {"metadata": {"labels": labels}})))
+        return _rv(
+            self.k8s(
+                lambda a: client.CoreV1Api(a).patch_namespaced_pod(
+                    name, ns, {"metadata": {"labels": labels}}
+                )
+            )
+        )
 
     def policy(self, ns: str, name: str, spec: dict[str, Any], *, replace: bool = False) -> int:
         body = {"metadata": {"name": name, "namespace": ns}, "spec": spec}
@@ -309,29 +354,58 @@ def test_agent_programs_policy_and_publishes_programmed_rvs(lab: AgentLab) -> No
 
     code, text = lab.http("/metrics", METRICS_PORT)
     assert code == 200
-    for metric in ("felix_lite_programming_latency_seconds_count", "felix_lite_iptables_rules",
-                   "felix_lite_ipsets", "felix_lite_watch_restarts_total",
-                   "felix_lite_apply_failures_total", "felix_lite_invalid_objects",
-                   'felix_lite_programmed_resource_version{kind="networkpolicy"}'):
+    for metric in (
+        "felix_lite_programming_latency_seconds_count",
+        "felix_lite_iptables_rules",
+        "felix_lite_ipsets",
+        "felix_lite_watch_restarts_total",
+        "felix_lite_apply_failures_total",
+        "felix_lite_invalid_objects",
+        'felix_lite_programmed_resource_version{kind="networkpolicy"}',
+    ):
         assert metric in text, metric
-    count = next(float(ln.split()[-1]) for ln in text.splitlines()
-                 if ln.startswith("felix_lite_programming_latency_seconds_count"))
+    count = next(
+        float(ln.split()[-1])
+        for ln in text.splitlines()
+        if ln.startswith("felix_lite_programming_latency_seconds_count")
+    )
     assert count >= 2  # the two policy changes (the initial sync is not a "change")
     assert lab.http("/livez")[0] == 200 and lab.http("/readyz")[0] == 200
 
     out = subprocess.run(
-        ["ip", "netns", "exec", lab.ns, "felix-lite", "status", "--json",
-         "--url", f"http://127.0.0.1:{HEALTH_PORT}"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.ns,
+            "felix-lite",
+            "status",
+            "--json",
+            "--url",
+            f"http://127.0.0.1:{HEALTH_PORT}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["node"] == NODE and doc["ready"] is True
     assert int(doc["programmed_resource_versions"]["networkpolicy"]) >= rv
     human = subprocess.run(
-        ["ip", "netns", "exec", lab.ns, "felix-lite", "status",
-         "--url", f"http://127.0.0.1:{HEALTH_PORT}"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.ns,
+            "felix-lite",
+            "status",
+            "--url",
+            f"http://127.0.0.1:{HEALTH_PORT}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert human.returncode == 0 and f"node {NODE}: ready" in human.stdout
 
@@ -366,11 +440,15 @@ def test_burst_of_label_changes_coalesces(lab: AgentLab) -> None:
     lab.namespace("x", {"ns": "x"})
     lab.pod("x", "a", ip="10.244.1.2")
     lab.pod("x", "b", ip="10.244.1.3", labels={"pod": "b", "round": "0"})
-    lab.policy("x", "by-round", {
-        "podSelector": {"matchLabels": {"pod": "a"}},
-        "policyTypes": ["Ingress"],
-        "ingress": [{"from": [{"podSelector": {"matchLabels": {"round": "even"}}}]}],
-    })
+    lab.policy(
+        "x",
+        "by-round",
+        {
+            "podSelector": {"matchLabels": {"pod": "a"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"round": "even"}}}]}],
+        },
+    )
     lab.start_agent()
     before = lab.wait_ready()["applies"]
 
@@ -448,22 +526,31 @@ def test_routing_half_renders_exabgp_config_and_installs_routes(lab: AgentLab) -
     def setup(a: client.ApiClient) -> None:
         core = client.CoreV1Api(a)
         core.create_node({"metadata": {"name": NODE}, "spec": {"podCIDR": "10.244.1.0/24"}})
-        core.patch_node_status(NODE, {"status": {"addresses": [
-            {"type": "InternalIP", "address": "10.0.0.11"}]}})
+        core.patch_node_status(
+            NODE, {"status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.11"}]}}
+        )
         client.CustomObjectsApi(a).create_cluster_custom_object(
-            "felixlite.io", "v1alpha1", "bgppeers",
-            {"apiVersion": "felixlite.io/v1alpha1", "kind": "BGPPeer",
-             "metadata": {"name": "tor"}, "spec": {"peerIP": "10.0.0.1", "asNumber": 65000}})
+            "felixlite.io",
+            "v1alpha1",
+            "bgppeers",
+            {
+                "apiVersion": "felixlite.io/v1alpha1",
+                "kind": "BGPPeer",
+                "metadata": {"name": "tor"},
+                "spec": {"peerIP": "10.0.0.1", "asNumber": 65000},
+            },
+        )
 
     lab.k8s(setup)
     _populate(lab)
     iface = "fl" + __import__("hashlib").sha1(b"x.a").hexdigest()[:11]
-    subprocess.run(["ip", "-n", lab.ns, "link", "add", iface, "type", "veth", "peer", "name",
-                    "flapeer0"], check=True)
+    subprocess.run(
+        ["ip", "-n", lab.ns, "link", "add", iface, "type", "veth", "peer", "name", "flapeer0"],
+        check=True,
+    )
     subprocess.run(["ip", "-n", lab.ns, "link", "set", iface, "up"], check=True)
     conf_dir = lab.tmp / "exabgp"
-    lab.write_config(bgp={"socket": str(lab.tmp / "bgp.sock"),
-                          "exabgpConfigDir": str(conf_dir)})
+    lab.write_config(bgp={"socket": str(lab.tmp / "bgp.sock"), "exabgpConfigDir": str(conf_dir)})
     lab.start_agent(routing=True)
     st = lab.wait_ready()
     conf = (conf_dir / "exabgp.conf").read_text()
@@ -474,8 +561,12 @@ def test_routing_half_renders_exabgp_config_and_installs_routes(lab: AgentLab) -
     assert st["bgp"]["peers"][0]["state"] != "up"
 
     def routes() -> str:
-        return subprocess.run(["ip", "-n", lab.ns, "route", "show", "table", "main"],
-                              capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            ["ip", "-n", lab.ns, "route", "show", "table", "main"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
 
     out = wait_for(lambda: (r := routes()) and "10.244.1.2" in r and r, what="pod route")
     assert "blackhole 10.244.1.0/24" in out

@@ -91,8 +91,10 @@ def _pod(
 ) -> dict[str, Any]:
     return {
         "metadata": {"name": name, "labels": labels or {}},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "agnhost",
-                                                   "ports": [{"containerPort": 80}]}]},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "c", "image": "agnhost", "ports": [{"containerPort": 80}]}],
+        },
     }
 
 
@@ -112,8 +114,16 @@ def _events(
 def test_discovery(server: ApiServer, api: client.ApiClient) -> None:
     assert client.CoreApi(api).get_api_versions().versions == ["v1"]
     core_res = {r.name for r in client.CoreV1Api(api).get_api_resources().resources}
-    assert {"pods", "pods/status", "nodes", "nodes/status", "namespaces", "events",
-            "secrets", "configmaps"} <= core_res
+    assert {
+        "pods",
+        "pods/status",
+        "nodes",
+        "nodes/status",
+        "namespaces",
+        "events",
+        "secrets",
+        "configmaps",
+    } <= core_res
     groups = {g.name: g for g in client.ApisApi(api).get_api_versions().groups}
     assert {"networking.k8s.io", "felixlite.io", "events.k8s.io"} <= set(groups)
     assert groups["felixlite.io"].preferred_version.group_version == "felixlite.io/v1alpha1"
@@ -210,8 +220,7 @@ KINDS: dict[str, Callable[[client.ApiClient], tuple[Callable[..., Any], ...]]] =
         lambda n, name: client.NetworkingV1Api(c).read_namespaced_network_policy(name, n),
         client.NetworkingV1Api(c).list_namespaced_network_policy,
         lambda n, name, b: client.NetworkingV1Api(c).patch_namespaced_network_policy(name, n, b),
-        lambda n, name, b: client.NetworkingV1Api(c).replace_namespaced_network_policy(
-            name, n, b),
+        lambda n, name, b: client.NetworkingV1Api(c).replace_namespaced_network_policy(name, n, b),
         lambda n, name: client.NetworkingV1Api(c).delete_namespaced_network_policy(name, n),
     ),
 }
@@ -222,11 +231,20 @@ BODIES: dict[str, dict[str, Any]] = {
     "Pod": {"spec": {"containers": [{"name": "c", "image": "agnhost"}]}},
     "Secret": {"data": {"password": "c2VjcmV0"}},
     "ConfigMap": {"data": {"k": "v"}},
-    "Event": {"involvedObject": {"kind": "Pod", "name": "a", "namespace": "default"},
-              "reason": "Test", "message": "hello", "type": "Normal"},
-    "events.k8s.io/Event": {"eventTime": "2024-01-01T00:00:00.000000Z", "reason": "Test",
-                            "action": "Testing", "reportingController": "felix-lite",
-                            "reportingInstance": "t", "type": "Normal"},
+    "Event": {
+        "involvedObject": {"kind": "Pod", "name": "a", "namespace": "default"},
+        "reason": "Test",
+        "message": "hello",
+        "type": "Normal",
+    },
+    "events.k8s.io/Event": {
+        "eventTime": "2024-01-01T00:00:00.000000Z",
+        "reason": "Test",
+        "action": "Testing",
+        "reportingController": "felix-lite",
+        "reportingInstance": "t",
+        "type": "Normal",
+    },
     "NetworkPolicy": {"spec": {"podSelector": {}}},
 }
 
@@ -264,8 +282,11 @@ def test_crud_each_kind(api: client.ApiClient, kind: str) -> None:
     with pytest.raises(ApiException) as ei:
         read(ns, "t1")
     assert ei.value.status == 404
-    assert [o.metadata.name for o in list_(ns, label_selector="app").items
-            if o.metadata.name.startswith("t")] == ["t2"]
+    assert [
+        o.metadata.name
+        for o in list_(ns, label_selector="app").items
+        if o.metadata.name.startswith("t")
+    ] == ["t2"]
 
 
 def test_create_defaults_and_conflicts(core: client.CoreV1Api, net: client.NetworkingV1Api) -> None:
@@ -280,8 +301,9 @@ def test_create_defaults_and_conflicts(core: client.CoreV1Api, net: client.Netwo
 
     with pytest.raises(ApiException) as ei:
         core.create_namespaced_pod("missing", _pod("a"))
-    assert ei.value.status == 404 and "namespaces \"missing\" not found" in _status(ei.value)[
-        "message"]
+    assert (
+        ei.value.status == 404 and 'namespaces "missing" not found' in _status(ei.value)["message"]
+    )
 
     with pytest.raises(ApiException) as ei:
         core.create_namespaced_config_map("default", {"metadata": {"name": "Bad_Name"}})
@@ -291,15 +313,23 @@ def test_create_defaults_and_conflicts(core: client.CoreV1Api, net: client.Netwo
     assert ns.metadata.labels["kubernetes.io/metadata.name"] == "default"
     assert ns.status.phase == "Active"
 
-    pol = net.create_namespaced_network_policy("default", {
-        "metadata": {"name": "p"},
-        "spec": {"podSelector": {"matchLabels": {"pod": "a"}},
-                 "ingress": [{"ports": [{"port": 80}]}], "egress": [{}]}})
+    pol = net.create_namespaced_network_policy(
+        "default",
+        {
+            "metadata": {"name": "p"},
+            "spec": {
+                "podSelector": {"matchLabels": {"pod": "a"}},
+                "ingress": [{"ports": [{"port": 80}]}],
+                "egress": [{}],
+            },
+        },
+    )
     assert pol.spec.policy_types == ["Ingress", "Egress"]
     assert pol.spec.ingress[0].ports[0].protocol == "TCP"
     assert pol.metadata.generation == 1
-    relabelled = net.patch_namespaced_network_policy("p", "default",
-                                                     {"metadata": {"labels": {"a": "b"}}})
+    relabelled = net.patch_namespaced_network_policy(
+        "p", "default", {"metadata": {"labels": {"a": "b"}}}
+    )
     assert relabelled.metadata.generation == 1
     respec = net.patch_namespaced_network_policy("p", "default", {"spec": {"egress": None}})
     assert respec.metadata.generation == 2
@@ -314,15 +344,15 @@ def test_not_found_shape(server: ApiServer, core: client.CoreV1Api) -> None:
     with pytest.raises(ApiException) as ei:
         core.delete_namespaced_pod("ghost", "default")
     assert ei.value.status == 404
-    code, body = _raw(server, "/apis/networking.k8s.io/v1/namespaces/default/"
-                              "networkpolicies/ghost")
+    code, body = _raw(server, "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/ghost")
     assert code == 404
     assert json.loads(body)["message"] == 'networkpolicies.networking.k8s.io "ghost" not found'
 
 
 def test_stale_update_conflicts(core: client.CoreV1Api) -> None:
-    cm = core.create_namespaced_config_map("default", {"metadata": {"name": "c"},
-                                                        "data": {"v": "1"}})
+    cm = core.create_namespaced_config_map(
+        "default", {"metadata": {"name": "c"}, "data": {"v": "1"}}
+    )
     raw = client.ApiClient().sanitize_for_serialization(cm)
     fresh = core.replace_namespaced_config_map("c", "default", {**raw, "data": {"v": "2"}})
     with pytest.raises(ApiException) as ei:
@@ -333,36 +363,51 @@ def test_stale_update_conflicts(core: client.CoreV1Api) -> None:
     # A merge patch carrying a stale resourceVersion is a precondition too.
     with pytest.raises(ApiException) as ei:
         core.patch_namespaced_config_map(
-            "c", "default", {"metadata": {"resourceVersion": raw["metadata"]["resourceVersion"]},
-                             "data": {"v": "4"}}, _content_type=MERGE)
+            "c",
+            "default",
+            {
+                "metadata": {"resourceVersion": raw["metadata"]["resourceVersion"]},
+                "data": {"v": "4"},
+            },
+            _content_type=MERGE,
+        )
     assert ei.value.status == 409
     assert core.read_namespaced_config_map("c", "default").data == {"v": "2"}
     # A no-op write keeps the version.
     again = core.replace_namespaced_config_map(
-        "c", "default", client.ApiClient().sanitize_for_serialization(fresh))
+        "c", "default", client.ApiClient().sanitize_for_serialization(fresh)
+    )
     assert again.metadata.resource_version == fresh.metadata.resource_version
 
 
 def test_patch_types(core: client.CoreV1Api) -> None:
     core.create_namespaced_pod("default", _pod("a", labels={"pod": "a", "gone": "x"}))
-    p = core.patch_namespaced_pod("a", "default", [
-        {"op": "add", "path": "/metadata/labels/new~1key", "value": "v"},
-        {"op": "remove", "path": "/metadata/labels/gone"},
-        {"op": "test", "path": "/metadata/labels/pod", "value": "a"},
-    ])
+    p = core.patch_namespaced_pod(
+        "a",
+        "default",
+        [
+            {"op": "add", "path": "/metadata/labels/new~1key", "value": "v"},
+            {"op": "remove", "path": "/metadata/labels/gone"},
+            {"op": "test", "path": "/metadata/labels/pod", "value": "a"},
+        ],
+    )
     assert p.metadata.labels == {"pod": "a", "new/key": "v"}
     with pytest.raises(ApiException) as ei:
-        core.patch_namespaced_pod("a", "default",
-                                  [{"op": "test", "path": "/metadata/labels/pod", "value": "z"}])
+        core.patch_namespaced_pod(
+            "a", "default", [{"op": "test", "path": "/metadata/labels/pod", "value": "z"}]
+        )
     assert ei.value.status == 422
-    p = core.patch_namespaced_pod("a", "default", {"metadata": {"labels": {"new/key": None}}},
-                                  _content_type=MERGE)
+    p = core.patch_namespaced_pod(
+        "a", "default", {"metadata": {"labels": {"new/key": None}}}, _content_type=MERGE
+    )
     assert p.metadata.labels == {"pod": "a"}
     # The client rewrites an object body to strategic merge; a raw JSON patch must be a list.
     req = urllib.request.Request(
         core.api_client.configuration.host + "/api/v1/namespaces/default/pods/a",
-        data=b'{"metadata": {}}', method="PATCH",
-        headers={"Content-Type": "application/json-patch+json"})
+        data=b'{"metadata": {}}',
+        method="PATCH",
+        headers={"Content-Type": "application/json-patch+json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as he:
         urllib.request.urlopen(req, timeout=10)
     assert he.value.code == 400
@@ -375,23 +420,27 @@ def test_pod_status_subresource(core: client.CoreV1Api) -> None:
     made = core.create_namespaced_pod("default", body)
     assert made.status.pod_ip is None and made.status.phase == "Pending"
     st = core.patch_namespaced_pod_status(
-        "a", "default", {"status": {"podIP": "10.244.1.2", "phase": "Running"}})
+        "a", "default", {"status": {"podIP": "10.244.1.2", "phase": "Running"}}
+    )
     assert st.status.pod_ip == "10.244.1.2"
     assert st.metadata.generation == made.metadata.generation
     # Status sent to the main resource is ignored, as with a real apiserver.
-    p = core.patch_namespaced_pod("a", "default", {"status": {"podIP": "10.9.9.9"},
-                                                   "metadata": {"labels": {"x": "y"}}})
+    p = core.patch_namespaced_pod(
+        "a", "default", {"status": {"podIP": "10.9.9.9"}, "metadata": {"labels": {"x": "y"}}}
+    )
     assert p.status.pod_ip == "10.244.1.2" and p.metadata.labels == {"x": "y"}
     node = core.create_node({"metadata": {"name": "n1"}})
-    node.status = client.V1NodeStatus(addresses=[client.V1NodeAddress(
-        type="InternalIP", address="192.168.0.1")])
+    node.status = client.V1NodeStatus(
+        addresses=[client.V1NodeAddress(type="InternalIP", address="192.168.0.1")]
+    )
     out = core.replace_node_status("n1", node)
     assert out.status.addresses[0].address == "192.168.0.1"
 
 
 def test_secret_string_data(core: client.CoreV1Api) -> None:
-    s = core.create_namespaced_secret("default", {"metadata": {"name": "bgp"},
-                                                  "stringData": {"password": "hunter2"}})
+    s = core.create_namespaced_secret(
+        "default", {"metadata": {"name": "bgp"}, "stringData": {"password": "hunter2"}}
+    )
     assert s.data == {"password": "aHVudGVyMg=="} and s.type == "Opaque"
 
 
@@ -406,8 +455,10 @@ def test_label_and_field_selectors(core: client.CoreV1Api) -> None:
     core.create_namespaced_pod("y", _pod("c", labels={"pod": "c"}, node="node-1"))
 
     def names(**kw: Any) -> list[str]:
-        return [f"{p.metadata.namespace}/{p.metadata.name}"
-                for p in core.list_pod_for_all_namespaces(**kw).items]
+        return [
+            f"{p.metadata.namespace}/{p.metadata.name}"
+            for p in core.list_pod_for_all_namespaces(**kw).items
+        ]
 
     assert names() == ["x/a", "x/b", "y/c"]
     assert names(label_selector="tier") == ["x/a", "x/b"]
@@ -419,8 +470,7 @@ def test_label_and_field_selectors(core: client.CoreV1Api) -> None:
     assert names(field_selector="spec.nodeName=node-1") == ["x/a", "y/c"]
     assert names(field_selector="spec.nodeName!=node-1,metadata.namespace=x") == ["x/b"]
     assert [p.metadata.name for p in core.list_namespaced_pod("x").items] == ["a", "b"]
-    assert [n.metadata.name for n in core.list_namespace(label_selector="ns in (x)").items] == [
-        "x"]
+    assert [n.metadata.name for n in core.list_namespace(label_selector="ns in (x)").items] == ["x"]
     for bad in ("tier in (a", "=x", "a b c"):
         with pytest.raises(ApiException) as ei:
             core.list_pod_for_all_namespaces(label_selector=bad)
@@ -432,16 +482,31 @@ def test_label_and_field_selectors(core: client.CoreV1Api) -> None:
 
 def test_label_selector_matching_table() -> None:
     labels = {"a": "1", "b": "2"}
-    table = {"a": True, "!a": False, "c": False, "!c": True, "a=1": True, "a==2": False,
-             "a!=2": True, "c!=2": True, "a in (1,3)": True, "a notin (1)": False,
-             "c notin (1)": True, "a=1,b=2": True, "a=1,b=3": False, "": True}
+    table = {
+        "a": True,
+        "!a": False,
+        "c": False,
+        "!c": True,
+        "a=1": True,
+        "a==2": False,
+        "a!=2": True,
+        "c!=2": True,
+        "a in (1,3)": True,
+        "a notin (1)": False,
+        "c notin (1)": True,
+        "a=1,b=2": True,
+        "a=1,b=3": False,
+        "": True,
+    }
     for text, want in table.items():
         assert all(r.matches(labels) for r in parse_label_selector(text)) is want, text
 
 
 def test_merge_patch_rfc7386() -> None:
-    assert merge_patch({"a": "b", "c": {"d": "e", "f": "g"}},
-                       {"a": "z", "c": {"f": None}}) == {"a": "z", "c": {"d": "e"}}
+    assert merge_patch({"a": "b", "c": {"d": "e", "f": "g"}}, {"a": "z", "c": {"f": None}}) == {
+        "a": "z",
+        "c": {"d": "e"},
+    }
     assert merge_patch({"a": [1, 2]}, {"a": [3]}) == {"a": [3]}
     assert merge_patch({"a": {"b": "c"}}, {"a": {"b": {"x": None}}}) == {"a": {"b": {}}}
 
@@ -471,8 +536,9 @@ def test_watch_replays_events_in_order(core: client.CoreV1Api) -> None:
     core.patch_namespaced_pod("a", "default", {"metadata": {"labels": {"v": "2"}}})
     core.create_namespaced_config_map("default", {"metadata": {"name": "other-kind"}})
     core.delete_namespaced_pod("a", "default")
-    evs = _events(watch.Watch(), core.list_namespaced_pod, "default",
-                  resource_version=rv0, timeout_seconds=1)
+    evs = _events(
+        watch.Watch(), core.list_namespaced_pod, "default", resource_version=rv0, timeout_seconds=1
+    )
     assert [e["type"] for e in evs] == ["ADDED", "MODIFIED", "DELETED"]
     rvs = [int(e["raw"]["metadata"]["resourceVersion"]) for e in evs]
     assert rvs == sorted(rvs) and len(set(rvs)) == 3 and rvs[0] > int(rv0)
@@ -494,8 +560,13 @@ def test_watch_live_events(core: client.CoreV1Api) -> None:
     t = threading.Thread(target=writer)
     t.start()
     try:
-        for e in w.stream(core.list_namespaced_pod, "default", resource_version=rv0,
-                          timeout_seconds=20, allow_watch_bookmarks=True):
+        for e in w.stream(
+            core.list_namespaced_pod,
+            "default",
+            resource_version=rv0,
+            timeout_seconds=20,
+            allow_watch_bookmarks=True,
+        ):
             started.set()
             if e["type"] == "BOOKMARK":
                 continue
@@ -513,7 +584,9 @@ def test_watch_without_version_lists_first(core: client.CoreV1Api) -> None:
     core.create_namespaced_pod("default", _pod("b"))
     evs = _events(watch.Watch(), core.list_namespaced_pod, "default", timeout_seconds=1)
     assert [(e["type"], e["raw"]["metadata"]["name"]) for e in evs] == [
-        ("ADDED", "a"), ("ADDED", "b")]
+        ("ADDED", "a"),
+        ("ADDED", "b"),
+    ]
 
 
 def test_watch_selector_transitions(core: client.CoreV1Api) -> None:
@@ -522,8 +595,14 @@ def test_watch_selector_transitions(core: client.CoreV1Api) -> None:
     core.patch_namespaced_pod("a", "default", {"metadata": {"labels": {"role": "db"}}})
     core.patch_namespaced_pod("a", "default", {"metadata": {"labels": {"role": "web"}}})
     core.patch_namespaced_pod("a", "default", {"metadata": {"labels": {"x": "1"}}})
-    evs = _events(watch.Watch(), core.list_namespaced_pod, "default", resource_version=rv0,
-                  label_selector="role=web", timeout_seconds=1)
+    evs = _events(
+        watch.Watch(),
+        core.list_namespaced_pod,
+        "default",
+        resource_version=rv0,
+        label_selector="role=web",
+        timeout_seconds=1,
+    )
     assert [e["type"] for e in evs] == ["DELETED", "ADDED", "MODIFIED"]
 
 
@@ -532,8 +611,11 @@ def test_watch_after_compact_is_gone(server: ApiServer, core: client.CoreV1Api) 
     core.create_namespaced_pod("default", _pod("a"))
     server.compact()
     with pytest.raises(ApiException) as ei:
-        list(watch.Watch().stream(core.list_namespaced_pod, "default", resource_version=rv0,
-                                  timeout_seconds=5))
+        list(
+            watch.Watch().stream(
+                core.list_namespaced_pod, "default", resource_version=rv0, timeout_seconds=5
+            )
+        )
     assert ei.value.status == 410 and "Expired" in ei.value.reason
     # Without timeout_seconds the client retries once, then raises the same way.
     with pytest.raises(ApiException) as ei:
@@ -547,8 +629,14 @@ def test_watch_after_compact_is_gone(server: ApiServer, core: client.CoreV1Api) 
     assert (ev["object"]["code"], ev["object"]["reason"]) == (410, "Expired")
     # Watching from the current version still works.
     rv1 = core.list_namespaced_pod("default").metadata.resource_version
-    assert list(watch.Watch().stream(core.list_namespaced_pod, "default", resource_version=rv1,
-                                     timeout_seconds=1)) == []
+    assert (
+        list(
+            watch.Watch().stream(
+                core.list_namespaced_pod, "default", resource_version=rv1, timeout_seconds=1
+            )
+        )
+        == []
+    )
 
 
 def test_bounded_log_expires_old_versions(tmp_path: Path) -> None:
@@ -559,8 +647,14 @@ def test_bounded_log_expires_old_versions(tmp_path: Path) -> None:
         for i in range(8):
             core.create_namespaced_config_map("default", {"metadata": {"name": f"c{i}"}})
         with pytest.raises(ApiException) as ei:
-            list(watch.Watch().stream(core.list_namespaced_config_map, "default",
-                                      resource_version=rv0, timeout_seconds=1))
+            list(
+                watch.Watch().stream(
+                    core.list_namespaced_config_map,
+                    "default",
+                    resource_version=rv0,
+                    timeout_seconds=1,
+                )
+            )
         assert ei.value.status == 410
         c.close()
 
@@ -569,22 +663,38 @@ def test_bookmarks_and_timeout(server: ApiServer, core: client.CoreV1Api) -> Non
     core.create_namespaced_pod("default", _pod("a"))
     rv = core.list_namespaced_pod("default").metadata.resource_version
     w = watch.Watch()
-    evs = list(w.stream(core.list_namespaced_pod, "default", resource_version=rv,
-                        allow_watch_bookmarks=True, timeout_seconds=1))
+    evs = list(
+        w.stream(
+            core.list_namespaced_pod,
+            "default",
+            resource_version=rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=1,
+        )
+    )
     # The stream ended by itself (timeoutSeconds) with only bookmarks in it.
     assert evs and {e["type"] for e in evs} == {"BOOKMARK"}
     assert all(e["raw_object"]["metadata"]["resourceVersion"] == rv for e in evs)
     assert w.resource_version == rv
     # No bookmarks unless asked.
-    assert list(watch.Watch().stream(core.list_namespaced_pod, "default", resource_version=rv,
-                                     timeout_seconds=1)) == []
+    assert (
+        list(
+            watch.Watch().stream(
+                core.list_namespaced_pod, "default", resource_version=rv, timeout_seconds=1
+            )
+        )
+        == []
+    )
 
 
 def test_send_initial_events(server: ApiServer, core: client.CoreV1Api) -> None:
     core.create_namespaced_pod("default", _pod("a"))
-    code, body = _raw(server, "/api/v1/namespaces/default/pods?watch=1&sendInitialEvents=true"
-                              "&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan"
-                              "&timeoutSeconds=1")
+    code, body = _raw(
+        server,
+        "/api/v1/namespaces/default/pods?watch=1&sendInitialEvents=true"
+        "&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan"
+        "&timeoutSeconds=1",
+    )
     assert code == 200
     evs = [json.loads(line) for line in body.decode().splitlines()]
     assert [e["type"] for e in evs[:2]] == ["ADDED", "BOOKMARK"]
@@ -599,8 +709,9 @@ def test_many_watchers(core: client.CoreV1Api, api: client.ApiClient) -> None:
     def run() -> None:
         w = watch.Watch()
         names = []
-        for e in w.stream(core.list_namespaced_config_map, "default", resource_version=rv0,
-                          timeout_seconds=20):
+        for e in w.stream(
+            core.list_namespaced_config_map, "default", resource_version=rv0, timeout_seconds=20
+        ):
             names.append(e["object"].metadata.name)
             if len(names) == 3:
                 w.stop()
@@ -622,8 +733,9 @@ def test_namespace_delete_cascades(core: client.CoreV1Api) -> None:
     core.create_namespaced_pod("x", _pod("a"))
     rv0 = core.list_pod_for_all_namespaces().metadata.resource_version
     core.delete_namespace("x")
-    evs = _events(watch.Watch(), core.list_pod_for_all_namespaces, resource_version=rv0,
-                  timeout_seconds=1)
+    evs = _events(
+        watch.Watch(), core.list_pod_for_all_namespaces, resource_version=rv0, timeout_seconds=1
+    )
     assert [(e["type"], e["raw"]["metadata"]["name"]) for e in evs] == [("DELETED", "a")]
     assert core.list_pod_for_all_namespaces().items == []
 
@@ -633,11 +745,17 @@ def test_namespace_delete_cascades(core: client.CoreV1Api) -> None:
 
 def test_bgppeer_custom_objects(crd: client.CustomObjectsApi) -> None:
     g, v, plural = "felixlite.io", "v1alpha1", "bgppeers"
-    peer = {"apiVersion": "felixlite.io/v1alpha1", "kind": "BGPPeer",
-            "metadata": {"name": "tor"},
-            "spec": {"peerIP": "10.0.0.1", "asNumber": 65000,
-                     "nodeSelector": {"matchLabels": {"rack": "r1"}},
-                     "passwordSecretRef": {"name": "bgp", "key": "password"}}}
+    peer = {
+        "apiVersion": "felixlite.io/v1alpha1",
+        "kind": "BGPPeer",
+        "metadata": {"name": "tor"},
+        "spec": {
+            "peerIP": "10.0.0.1",
+            "asNumber": 65000,
+            "nodeSelector": {"matchLabels": {"rack": "r1"}},
+            "passwordSecretRef": {"name": "bgp", "key": "password"},
+        },
+    }
     made = crd.create_cluster_custom_object(g, v, plural, peer)
     assert made["metadata"]["generation"] == 1 and "namespace" not in made["metadata"]
     assert crd.get_cluster_custom_object(g, v, plural, "tor")["spec"]["asNumber"] == 65000
@@ -646,7 +764,8 @@ def test_bgppeer_custom_objects(crd: client.CustomObjectsApi) -> None:
     patched = crd.patch_cluster_custom_object(g, v, plural, "tor", {"spec": {"holdTime": 90}})
     assert patched["spec"]["holdTime"] == 90 and patched["metadata"]["generation"] == 2
     status = crd.patch_cluster_custom_object_status(
-        g, v, plural, "tor", {"status": {"nodes": [{"node": "node-1", "state": "Established"}]}})
+        g, v, plural, "tor", {"status": {"nodes": [{"node": "node-1", "state": "Established"}]}}
+    )
     assert status["status"]["nodes"][0]["state"] == "Established"
     assert status["metadata"]["generation"] == 2
 
@@ -656,16 +775,30 @@ def test_bgppeer_custom_objects(crd: client.CustomObjectsApi) -> None:
         crd.replace_cluster_custom_object(g, v, plural, "tor", no_rv)
     assert ei.value.status == 422  # custom resources need metadata.resourceVersion on PUT
     with pytest.raises(ApiException) as ei:
-        crd.patch_cluster_custom_object(g, v, plural, "tor", {"spec": {"holdTime": 30}},
-                                        _content_type="application/strategic-merge-patch+json")
+        crd.patch_cluster_custom_object(
+            g,
+            v,
+            plural,
+            "tor",
+            {"spec": {"holdTime": 30}},
+            _content_type="application/strategic-merge-patch+json",
+        )
     assert ei.value.status == 415
 
-    crd.create_cluster_custom_object(g, v, "bgpconfigurations", {
-        "apiVersion": "felixlite.io/v1alpha1", "kind": "BGPConfiguration",
-        "metadata": {"name": "default"},
-        "spec": {"asNumber": 64512, "nodeToNodeMesh": False, "podCIDRs": ["10.244.0.0/16"]}})
-    evs = _events(watch.Watch(), crd.list_cluster_custom_object, g, v, "bgpconfigurations",
-                  timeout_seconds=1)
+    crd.create_cluster_custom_object(
+        g,
+        v,
+        "bgpconfigurations",
+        {
+            "apiVersion": "felixlite.io/v1alpha1",
+            "kind": "BGPConfiguration",
+            "metadata": {"name": "default"},
+            "spec": {"asNumber": 64512, "nodeToNodeMesh": False, "podCIDRs": ["10.244.0.0/16"]},
+        },
+    )
+    evs = _events(
+        watch.Watch(), crd.list_cluster_custom_object, g, v, "bgpconfigurations", timeout_seconds=1
+    )
     assert [(e["type"], e["raw"]["spec"]["asNumber"]) for e in evs] == [("ADDED", 64512)]
     deleted = crd.delete_cluster_custom_object(g, v, plural, "tor")
     assert deleted["metadata"]["name"] == "tor"
@@ -709,8 +842,9 @@ def test_restart_with_persisted_state(tmp_path: Path) -> None:
 
         def watcher() -> None:
             with contextlib.suppress(Exception):  # a cut connection, as in a crash
-                for _ in watch.Watch().stream(core.list_namespaced_pod, "default",
-                                              resource_version=str(rv_before)):
+                for _ in watch.Watch().stream(
+                    core.list_namespaced_pod, "default", resource_version=str(rv_before)
+                ):
                     pass
             ended.set()
 
@@ -728,8 +862,13 @@ def test_restart_with_persisted_state(tmp_path: Path) -> None:
         after = core.create_namespaced_pod("default", _pod("b"))
         assert int(after.metadata.resource_version) > rv_before
         # The event log survived: a watch from before the restart resumes.
-        evs = _events(watch.Watch(), core.list_namespaced_pod, "default",
-                      resource_version=str(rv_before), timeout_seconds=1)
+        evs = _events(
+            watch.Watch(),
+            core.list_namespaced_pod,
+            "default",
+            resource_version=str(rv_before),
+            timeout_seconds=1,
+        )
         assert [(e["type"], e["raw"]["metadata"]["name"]) for e in evs] == [("ADDED", "b")]
     finally:
         srv.stop()
@@ -756,9 +895,20 @@ def test_state_file_rejects_garbage(tmp_path: Path) -> None:
 def test_standalone_process(tmp_path: Path) -> None:
     state, kc = tmp_path / "state.json", tmp_path / "kubeconfig"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "felix_lite.apiserver", "--port", "0", "--state", str(state),
-         "--kubeconfig", str(kc)],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "felix_lite.apiserver",
+            "--port",
+            "0",
+            "--state",
+            str(state),
+            "--kubeconfig",
+            str(kc),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())

@@ -200,8 +200,21 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "-n", TOR, "link", "add", "br0", "type", "bridge")
         for i, ns in NODES.items():
-            sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"n{i}",
-               "netns", TOR)
+            sh(
+                "ip",
+                "-n",
+                ns,
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"n{i}",
+                "netns",
+                TOR,
+            )
             sh("ip", "-n", TOR, "link", "set", f"n{i}", "master", "br0")
             sh("ip", "-n", TOR, "link", "set", f"n{i}", "up")
             sh("ip", "-n", ns, "addr", "add", f"10.99.0.1{i}/24", "dev", "eth0")
@@ -381,5 +394,7 @@ def test_bulk_10k(fabric: Fabric, capsys: pytest.CaptureFixture[str]) -> None:
     wait_until(lambda: n2.recorder.count(want) == 0, 120, "10k withdrawn at node-2")
     withdraw = time.monotonic() - t1
     with capsys.disabled():
-        print(f"\nbgp.bulk10k announce_to_node2_s={announce:.2f} withdraw_s={withdraw:.2f}",
-              file=sys.stderr)
+        print(
+            f"\nbgp.bulk10k announce_to_node2_s={announce:.2f} withdraw_s={withdraw:.2f}",
+            file=sys.stderr,
+        )

@@ -32,8 +32,7 @@ VALUES: dict[str, Any] = {
     "healthPort": 19199,
     "metricsPort": 19191,
     "podCIDRs": ["10.244.0.0/16"],
-    "bgp": {"asNumber": 64512, "peers": [{"name": "tor", "peerIP": "10.0.0.1",
-                                          "asNumber": 65000}]},
+    "bgp": {"asNumber": 64512, "peers": [{"name": "tor", "peerIP": "10.0.0.1", "asNumber": 65000}]},
 }
 PATH_KEYS = {("bgp", "socket"), ("bgp", "exabgpConfigDir"), ("stateDir",)}
 
@@ -83,15 +82,17 @@ def test_agent_runs_from_the_chart_rendered_settings(lab: AgentLab) -> None:
     def node_and_peers(a: client.ApiClient) -> None:
         core = client.CoreV1Api(a)
         core.create_node({"metadata": {"name": NODE}, "spec": {"podCIDR": "10.244.1.0/24"}})
-        core.patch_node_status(NODE, {"status": {"addresses": [
-            {"type": "InternalIP", "address": "10.0.0.11"}]}})
+        core.patch_node_status(
+            NODE, {"status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.11"}]}}
+        )
         custom = client.CustomObjectsApi(a)
         # The chart's own BGPConfiguration/BGPPeer objects, applied as rendered.
         plural = {"BGPPeer": "bgppeers", "BGPConfiguration": "bgpconfigurations"}
         for d in chart_manifests():
             if d.get("apiVersion") == "felixlite.io/v1alpha1":
                 custom.create_cluster_custom_object(
-                    "felixlite.io", "v1alpha1", plural[d["kind"]], d)
+                    "felixlite.io", "v1alpha1", plural[d["kind"]], d
+                )
 
     lab.k8s(node_and_peers)
     _populate(lab)

@@ -40,8 +40,9 @@ CASES_DIR = Path(os.environ.get("FLT_CONFORMANCE_CASES", str(loader.CASES_DIR)))
 CASES = loader.load_cases(IPS, directory=CASES_DIR)
 
 
-def _grid_report(expected: dict[loader.Cell, bool], observed: dict[loader.Cell, bool],
-                 wrong: list[loader.Cell]) -> str:
+def _grid_report(
+    expected: dict[loader.Cell, bool], observed: dict[loader.Cell, bool], wrong: list[loader.Cell]
+) -> str:
     bad = set(wrong)
     diff = {cell: cell not in bad for cell in expected}
     return (
@@ -70,7 +71,9 @@ def run_case(lab: NodeLab, case: loader.Case) -> tuple[list[str], list[str], int
                 continue
             t0 = time.monotonic()
             results = probe_matrix(
-                lab.pod_endpoints, port=probe.port, protocol=probe.protocol,
+                lab.pod_endpoints,
+                port=probe.port,
+                protocol=probe.protocol,
                 timeout=PROBE_TIMEOUT,
             )
             ran += 1
@@ -93,9 +96,7 @@ def test_conformance(policy_lab: NodeLab, case: loader.Case) -> None:
         # Reset: bare model (labels restored), no policies.
         policy_lab.policy.apply(loader.model_objects(IPS, policy_lab.node_name))
     if failures:
-        pytest.fail(
-            f"upstream: {case.upstream}\n\n" + "\n\n".join(failures), pytrace=False
-        )
+        pytest.fail(f"upstream: {case.upstream}\n\n" + "\n\n".join(failures), pytrace=False)
     if ran == 0:
         pytest.skip("; ".join(skipped) or "no probe ran")
     for reason in skipped:

@@ -73,8 +73,11 @@ def test_reachability_from_results_requires_every_cell() -> None:
 
 def test_results_json_shape() -> None:
     out = results_json([ProbeResult("x/a", "y/b", True)], port=80, protocol="tcp")
-    assert out == {"port": 80, "protocol": "TCP",
-                   "results": [{"from": "x/a", "to": "y/b", "connected": True}]}
+    assert out == {
+        "port": 80,
+        "protocol": "TCP",
+        "results": [{"from": "x/a", "to": "y/b", "connected": True}],
+    }
 
 
 def test_model_docs_follow_upstream_model() -> None:
@@ -103,8 +106,9 @@ def test_policyctl_runs_the_cli_inside_the_node_netns(tmp_path: Path) -> None:
         calls.append(list(argv))
         return "applied\n"
 
-    ctl = PolicyCtl("fltn1", "node-1", backend="nft", workdir=tmp_path, runner=fake,
-                    cli=["felix-lite"])
+    ctl = PolicyCtl(
+        "fltn1", "node-1", backend="nft", workdir=tmp_path, runner=fake, cli=["felix-lite"]
+    )
     ctl.apply([{"kind": "Namespace", "metadata": {"name": "x"}}])
     ctl.flush()
     apply_argv, flush_argv = calls
@@ -231,8 +235,9 @@ def test_sctp_is_detected_and_skipped(node_lab: NodeLab) -> None:
         probe_one(node_lab.pods["x/a"], node_lab.pods["x/b"], port=80, protocol="SCTP")
     servers = ServerProcess()
     with servers:
-        servers.add(ServeSpec("sctp-test", node_lab.node.netns, ports=(90,),
-                              protocols=("TCP", "SCTP")))
+        servers.add(
+            ServeSpec("sctp-test", node_lab.node.netns, ports=(90,), protocols=("TCP", "SCTP"))
+        )
         assert servers.skipped == {"sctp-test": ["SCTP/90"]}
         assert probe_one(node_lab.pods["x/a"], node_lab.node, port=90).connected
 

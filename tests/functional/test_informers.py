@@ -112,16 +112,22 @@ def informers() -> Iterator[list[Informer]]:
             inf.join(5)
 
 
-def start(informers: list[Informer], api: client.ApiClient, kind: Kind, sink: Any,
-          **kw: Any) -> Informer:
+def start(
+    informers: list[Informer], api: client.ApiClient, kind: Kind, sink: Any, **kw: Any
+) -> Informer:
     inf = Informer(api, kind, sink, **{**FAST, **kw})
     informers.append(inf)
     return inf.start()
 
 
 def make_pod(core: client.CoreV1Api, ns: str, name: str, **labels: str) -> None:
-    core.create_namespaced_pod(ns, {"metadata": {"name": name, "labels": labels},
-                                    "spec": {"containers": [{"name": "c", "image": "i"}]}})
+    core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"containers": [{"name": "c", "image": "i"}]},
+        },
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -164,24 +170,34 @@ def test_410_relist_reports_only_the_difference(
     mark = len(rec)
     store = server.store
     store.delete(PODS, "x", "gone")
-    store.patch(PODS, "x", "changed", {"metadata": {"labels": {"pod": "new"}}},
-                patch_type=PatchType.MERGE)
-    store.create(PODS, "x", {"metadata": {"name": "added"},
-                             "spec": {"containers": [{"name": "c", "image": "i"}]}})
+    store.patch(
+        PODS, "x", "changed", {"metadata": {"labels": {"pod": "new"}}}, patch_type=PatchType.MERGE
+    )
+    store.create(
+        PODS,
+        "x",
+        {"metadata": {"name": "added"}, "spec": {"containers": [{"name": "c", "image": "i"}]}},
+    )
     server.compact()
     assert int(old_rv or 0) < store.oldest_watchable_rv
     server.start()
     wait_for(lambda: inf.relists >= 1 and len(rec) >= mark + 3, what="relist diff")
     time.sleep(0.3)  # let anything extra (a wrong re-emit) arrive before checking
-    assert sorted(rec.ops(mark)) == [("delete", "x/gone"), ("upsert", "x/added"),
-                                     ("upsert", "x/changed")]
+    assert sorted(rec.ops(mark)) == [
+        ("delete", "x/gone"),
+        ("upsert", "x/added"),
+        ("upsert", "x/changed"),
+    ]
     assert ("synced", "pod") not in rec.ops(mark)  # synced once, at the first list
     assert inf.resource_version == str(store.resource_version)
 
 
 def test_apiserver_restart_reconnects_and_resumes(
-    server: ApiServer, api: client.ApiClient, core: client.CoreV1Api,
-    informers: list[Informer], tmp_path: Path
+    server: ApiServer,
+    api: client.ApiClient,
+    core: client.CoreV1Api,
+    informers: list[Informer],
+    tmp_path: Path,
 ) -> None:
     core.create_namespace({"metadata": {"name": "x"}})
     rec = Recorder()
@@ -190,8 +206,9 @@ def test_apiserver_restart_reconnects_and_resumes(
     port = server.port
     server.stop()  # a crash from the client's view: watch connections cut
     wait_for(lambda: inf.restarts >= 1, what="a restart counted")
-    again = ApiServer(bookmark_interval=0.2, port=port,
-                      state_path=tmp_path / "state.json").start()  # persisted state
+    again = ApiServer(
+        bookmark_interval=0.2, port=port, state_path=tmp_path / "state.json"
+    ).start()  # persisted state
     try:
         mark = len(rec)
         make_pod(core, "x", "after", pod="after")
@@ -228,20 +245,34 @@ def test_bookmarks_advance_the_resource_version(
     assert rec.ops() == [("synced", "node")]
 
 
-def test_crd_informers(
-    api: client.ApiClient, informers: list[Informer]
-) -> None:
+def test_crd_informers(api: client.ApiClient, informers: list[Informer]) -> None:
     crd = client.CustomObjectsApi(api)
-    crd.create_cluster_custom_object("felixlite.io", "v1alpha1", "bgppeers", {
-        "apiVersion": "felixlite.io/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor"},
-        "spec": {"peerIP": "192.168.0.254", "asNumber": 65000}})
+    crd.create_cluster_custom_object(
+        "felixlite.io",
+        "v1alpha1",
+        "bgppeers",
+        {
+            "apiVersion": "felixlite.io/v1alpha1",
+            "kind": "BGPPeer",
+            "metadata": {"name": "tor"},
+            "spec": {"peerIP": "192.168.0.254", "asNumber": 65000},
+        },
+    )
     rec = Recorder()
     peers = start(informers, api, Kind.BGP_PEER, rec)
     confs = start(informers, api, Kind.BGP_CONFIGURATION, rec)
     assert peers.has_synced.wait(10) and confs.has_synced.wait(10)
-    crd.create_cluster_custom_object("felixlite.io", "v1alpha1", "bgpconfigurations", {
-        "apiVersion": "felixlite.io/v1alpha1", "kind": "BGPConfiguration",
-        "metadata": {"name": "default"}, "spec": {"asNumber": 65100}})
+    crd.create_cluster_custom_object(
+        "felixlite.io",
+        "v1alpha1",
+        "bgpconfigurations",
+        {
+            "apiVersion": "felixlite.io/v1alpha1",
+            "kind": "BGPConfiguration",
+            "metadata": {"name": "default"},
+            "spec": {"asNumber": 65100},
+        },
+    )
     wait_for(lambda: ("upsert", "default") in rec.ops(), what="BGPConfiguration event")
     assert ("upsert", "tor") in rec.ops()
 
@@ -262,16 +293,23 @@ def test_stop_is_prompt(api: client.ApiClient) -> None:
 
 
 def test_malformed_policy_logs_posts_event_and_keeps_last_good(
-    api: client.ApiClient, core: client.CoreV1Api, informers: list[Informer],
-    caplog: pytest.LogCaptureFixture
+    api: client.ApiClient,
+    core: client.CoreV1Api,
+    informers: list[Informer],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     core.create_namespace({"metadata": {"name": "y"}})
     net = client.NetworkingV1Api(api)
 
     def policy(cidr: str) -> dict[str, Any]:
-        return {"metadata": {"name": "allow-web"},
-                "spec": {"podSelector": {}, "policyTypes": ["Ingress"],
-                         "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}]}]}}
+        return {
+            "metadata": {"name": "allow-web"},
+            "spec": {
+                "podSelector": {},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}]}],
+            },
+        }
 
     recorder = EventRecorder(core_v1_poster(core), host="node-1").start()
     cache = Cache(converters(), events=recorder)
@@ -285,73 +323,115 @@ def test_malformed_policy_logs_posts_event_and_keeps_last_good(
         with caplog.at_level(logging.WARNING, logger="controller.cache"):
             # The emulator validates no NetworkPolicy fields, so the broken edit is stored.
             net.patch_namespaced_network_policy(
-                "allow-web", "y", {"spec": {"ingress": [{"from": [{"ipBlock": {
-                    "cidr": "10.1.0.0/33"}}]}]}})
+                "allow-web",
+                "y",
+                {"spec": {"ingress": [{"from": [{"ipBlock": {"cidr": "10.1.0.0/33"}}]}]}},
+            )
             wait_for(lambda: key in cache.invalid(), what="the invalid version")
 
             def events() -> list[Any]:
-                return [e for e in core.list_namespaced_event("y").items
-                        if e.reason == "InvalidNetworkPolicy"]
+                return [
+                    e
+                    for e in core.list_namespaced_event("y").items
+                    if e.reason == "InvalidNetworkPolicy"
+                ]
 
             wait_for(lambda: len(events()) == 1, what="a Warning Event")
         ev = events()[0]
         assert ev.type == "Warning"
-        assert (ev.involved_object.kind, ev.involved_object.namespace,
-                ev.involved_object.name) == ("NetworkPolicy", "y", "allow-web")
+        assert (ev.involved_object.kind, ev.involved_object.namespace, ev.involved_object.name) == (
+            "NetworkPolicy",
+            "y",
+            "allow-web",
+        )
         assert "spec.ingress[0].from[0].ipBlock.cidr" in ev.message
         assert cache.get(key) == good  # last good version still in force
-        lines = [r.getMessage() for r in caplog.records
-                 if r.getMessage().startswith("controller.invalid")]
+        lines = [
+            r.getMessage()
+            for r in caplog.records
+            if r.getMessage().startswith("controller.invalid")
+        ]
         assert len(lines) == 1
         assert "kind=networkpolicy object=y/allow-web" in lines[0]
         # A fix is picked up as usual.
         net.patch_namespaced_network_policy(
-            "allow-web", "y", {"spec": {"ingress": [{"from": [{"ipBlock": {
-                "cidr": "10.2.0.0/16"}}]}]}})
-        wait_for(lambda: key not in cache.invalid() and cache.get(key) != good,
-                 what="the fixed version")
+            "allow-web",
+            "y",
+            {"spec": {"ingress": [{"from": [{"ipBlock": {"cidr": "10.2.0.0/16"}}]}]}},
+        )
+        wait_for(
+            lambda: key not in cache.invalid() and cache.get(key) != good, what="the fixed version"
+        )
         assert inf.restarts == 0
     finally:
         recorder.stop()
 
 
 def _node(name: str, ip: str, cidr: str, **labels: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    return ({"metadata": {"name": name, "labels": labels}, "spec": {"podCIDR": cidr}},
-            {"status": {"addresses": [{"type": "InternalIP", "address": ip}]}})
+    return (
+        {"metadata": {"name": name, "labels": labels}, "spec": {"podCIDR": cidr}},
+        {"status": {"addresses": [{"type": "InternalIP", "address": ip}]}},
+    )
 
 
-def test_node_desired_for_a_small_cluster(
-    api: client.ApiClient, core: client.CoreV1Api
-) -> None:
+def test_node_desired_for_a_small_cluster(api: client.ApiClient, core: client.CoreV1Api) -> None:
     crd = client.CustomObjectsApi(api)
     net = client.NetworkingV1Api(api)
     for ns in ("x", SECRET_NS):
         core.create_namespace({"metadata": {"name": ns}})
-    for name, ip, cidr, rack in (("n1", "192.168.0.1", "10.244.1.0/24", "a"),
-                                 ("n2", "192.168.0.2", "10.244.2.0/24", "b")):
+    for name, ip, cidr, rack in (
+        ("n1", "192.168.0.1", "10.244.1.0/24", "a"),
+        ("n2", "192.168.0.2", "10.244.2.0/24", "b"),
+    ):
         body, status = _node(name, ip, cidr, rack=rack)
         core.create_node(body)
         core.patch_node_status(name, status)
     for name, node, ip in (("a", "n1", "10.244.1.2"), ("b", "n2", "10.244.2.2")):
-        core.create_namespaced_pod("x", {
-            "metadata": {"name": name, "labels": {"pod": name}},
-            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]}})
+        core.create_namespaced_pod(
+            "x",
+            {
+                "metadata": {"name": name, "labels": {"pod": name}},
+                "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]},
+            },
+        )
         core.patch_namespaced_pod_status(name, "x", {"status": {"podIP": ip}})
-    net.create_namespaced_network_policy("x", {
-        "metadata": {"name": "deny-a"},
-        "spec": {"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"]}})
-    core.create_namespaced_secret(SECRET_NS, {
-        "metadata": {"name": "bgp"}, "data": {"tor": base64.b64encode(b"md5pw").decode()}})
+    net.create_namespaced_network_policy(
+        "x",
+        {
+            "metadata": {"name": "deny-a"},
+            "spec": {"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"]},
+        },
+    )
+    core.create_namespaced_secret(
+        SECRET_NS,
+        {"metadata": {"name": "bgp"}, "data": {"tor": base64.b64encode(b"md5pw").decode()}},
+    )
     group_ = "felixlite.io", "v1alpha1"
-    crd.create_cluster_custom_object(*group_, "bgpconfigurations", {
-        "apiVersion": "felixlite.io/v1alpha1", "kind": "BGPConfiguration",
-        "metadata": {"name": "default"},
-        "spec": {"asNumber": 65100, "podCIDRs": ["10.244.0.0/16"]}})
-    crd.create_cluster_custom_object(*group_, "bgppeers", {
-        "apiVersion": "felixlite.io/v1alpha1", "kind": "BGPPeer", "metadata": {"name": "tor-a"},
-        "spec": {"peerIP": "192.168.0.254", "asNumber": 65000,
-                 "nodeSelector": {"matchLabels": {"rack": "a"}},
-                 "passwordSecretRef": {"name": "bgp", "key": "tor"}}})
+    crd.create_cluster_custom_object(
+        *group_,
+        "bgpconfigurations",
+        {
+            "apiVersion": "felixlite.io/v1alpha1",
+            "kind": "BGPConfiguration",
+            "metadata": {"name": "default"},
+            "spec": {"asNumber": 65100, "podCIDRs": ["10.244.0.0/16"]},
+        },
+    )
+    crd.create_cluster_custom_object(
+        *group_,
+        "bgppeers",
+        {
+            "apiVersion": "felixlite.io/v1alpha1",
+            "kind": "BGPPeer",
+            "metadata": {"name": "tor-a"},
+            "spec": {
+                "peerIP": "192.168.0.254",
+                "asNumber": 65000,
+                "nodeSelector": {"matchLabels": {"rack": "a"}},
+                "passwordSecretRef": {"name": "bgp", "key": "tor"},
+            },
+        },
+    )
 
     cache = Cache(converters())
     state = NodeState("n1", secret_namespace=SECRET_NS)
@@ -381,16 +461,22 @@ def test_node_desired_for_a_small_cluster(
         assert [p.address for p in d2.bgp.peers] == ["192.168.0.2"]
 
         # Mesh off, and n1 back in rack a: only the ToR remains.
-        crd.patch_cluster_custom_object(*group_, "bgpconfigurations", "default",
-                                        {"spec": {"nodeToNodeMesh": False}})
+        crd.patch_cluster_custom_object(
+            *group_, "bgpconfigurations", "default", {"spec": {"nodeToNodeMesh": False}}
+        )
         core.patch_node("n1", {"metadata": {"labels": {"rack": "a"}}})
-        wait_for(lambda: (cache.get(Key(Kind.NODE, None, "n1")) is not None
-                          and not getattr(cache.get(Key(Kind.BGP_CONFIGURATION, None,
-                                                        "default")),
-                                          "node_to_node_mesh", True)
-                          and getattr(cache.get(Key(Kind.NODE, None, "n1")),
-                                      "labels", {}).get("rack") == "a"),
-                 what="mesh off and rack a")
+        wait_for(
+            lambda: (
+                cache.get(Key(Kind.NODE, None, "n1")) is not None
+                and not getattr(
+                    cache.get(Key(Kind.BGP_CONFIGURATION, None, "default")),
+                    "node_to_node_mesh",
+                    True,
+                )
+                and getattr(cache.get(Key(Kind.NODE, None, "n1")), "labels", {}).get("rack") == "a"
+            ),
+            what="mesh off and rack a",
+        )
         state.apply(cache.take_changes())
         d3 = state.desired(in_sync=cache.in_sync)
         assert [p.address for p in d3.bgp.peers] == ["192.168.0.254"]

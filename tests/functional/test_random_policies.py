@@ -196,11 +196,13 @@ POLICY_TYPES = (None, ["Ingress"], ["Egress"], ["Ingress", "Egress"], ["Egress",
 @st.composite
 def policies(draw: st.DrawFn) -> dict[str, Any]:
     # Biased towards selecting something: a random selector often selects no pod.
-    subject = draw(st.one_of(
-        st.just({}),
-        st.builds(lambda p: {"matchLabels": {"pod": p}}, st.sampled_from(PODS)),
-        selectors(),
-    ))
+    subject = draw(
+        st.one_of(
+            st.just({}),
+            st.builds(lambda p: {"matchLabels": {"pod": p}}, st.sampled_from(PODS)),
+            selectors(),
+        )
+    )
     spec: dict[str, Any] = {"podSelector": subject}
     types = draw(st.sampled_from(POLICY_TYPES))
     if types is not None:
@@ -227,16 +229,19 @@ def worlds(draw: st.DrawFn) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     for ns in NAMESPACES:
         labels = {**draw(EXTRA_LABELS), "ns": ns, NS_NAME: ns}
-        docs.append({"apiVersion": "v1", "kind": "Namespace",
-                     "metadata": {"name": ns, "labels": labels}})
+        docs.append(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}
+        )
     for mp in MODEL.pods:
         doc = pod_doc(mp)
         doc["metadata"]["labels"] = {**draw(EXTRA_LABELS), "pod": mp.name}
         web = draw(st.sampled_from((None, (80, "TCP"), (81, "TCP"), (80, "UDP"), (81, "UDP"))))
         if web is not None:
             doc["spec"]["containers"].append(
-                {"name": "web", "ports": [{"containerPort": web[0], "protocol": web[1],
-                                           "name": "web"}]}
+                {
+                    "name": "web",
+                    "ports": [{"containerPort": web[0], "protocol": web[1], "name": "web"}],
+                }
             )
         docs.append(doc)
     pols = draw(
@@ -306,8 +311,9 @@ def _failure(lab: NodeLab, docs: Sequence[dict[str, Any]], wrong: list[str]) -> 
     pols = [d for d in docs if d["kind"] == "NetworkPolicy"]
     others = [d for d in docs if d["kind"] != "NetworkPolicy"]
     labels = {
-        (d["metadata"].get("namespace", "") + "/" + d["metadata"]["name"]).lstrip("/"):
-            d["metadata"].get("labels", {})
+        (d["metadata"].get("namespace", "") + "/" + d["metadata"]["name"]).lstrip("/"): d[
+            "metadata"
+        ].get("labels", {})
         for d in others
     }
     webs = {
@@ -320,8 +326,7 @@ def _failure(lab: NodeLab, docs: Sequence[dict[str, Any]], wrong: list[str]) -> 
     return (
         f"[{lab.policy.backend}] {len(wrong)} cell(s) differ from policy.evaluate\n"
         f"--- policies (YAML):\n{yaml.safe_dump_all(pols, sort_keys=False)}"
-        f"--- labels: {labels}\n--- 'web' ports: {webs}\n--- wrong cells:\n"
-        + "\n".join(wrong[:12])
+        f"--- labels: {labels}\n--- 'web' ports: {webs}\n--- wrong cells:\n" + "\n".join(wrong[:12])
     )
 
 
@@ -357,8 +362,12 @@ def test_random_policies_match_the_oracle(rlab: NodeLab) -> None:
 
 
 def netpol(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"namespace": ns, "name": name}, "spec": spec}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": spec,
+    }
 
 
 def model_docs_with(
@@ -372,8 +381,9 @@ def model_docs_with(
     docs: list[dict[str, Any]] = []
     for ns in NAMESPACES:
         labels = {**(ns_labels or {}).get(ns, {}), "ns": ns, NS_NAME: ns}
-        docs.append({"apiVersion": "v1", "kind": "Namespace",
-                     "metadata": {"name": ns, "labels": labels}})
+        docs.append(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}}
+        )
     for mp in MODEL.pods:
         if mp.key in drop:
             continue
@@ -386,8 +396,10 @@ def model_docs_with(
         if "web" in ch:
             port, proto = ch["web"]
             doc["spec"]["containers"].append(
-                {"name": "web", "ports": [{"containerPort": port, "protocol": proto,
-                                           "name": "web"}]}
+                {
+                    "name": "web",
+                    "ports": [{"containerPort": port, "protocol": proto, "name": "web"}],
+                }
             )
         docs.append(doc)
     return docs
@@ -403,8 +415,11 @@ def test_named_port_resolves_per_destination_pod(rlab: NodeLab) -> None:
     # x/a maps "web" to 80, x/b to 81, x/c has no "web" at all.
     docs = model_docs_with(pod_changes={"x/a": {"web": (80, "TCP")}, "x/b": {"web": (81, "TCP")}})
     pol = netpol("x", "web-only", {"podSelector": {}, "ingress": [{"ports": [{"port": "web"}]}]})
-    egress = netpol("y", "web-out", {"podSelector": {}, "policyTypes": ["Egress"],
-                                     "egress": [{"ports": [{"port": "web"}]}]})
+    egress = netpol(
+        "y",
+        "web-out",
+        {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"ports": [{"port": "web"}]}]},
+    )
     apply_and_compare(rlab, [*docs, pol, egress], probes=((80, Protocol.TCP), (81, Protocol.TCP)))
     ya, xa, xb, xc = (rlab.pods[k] for k in ("y/a", "x/a", "x/b", "x/c"))
     # Spelled out, so the test does not only trust the oracle.
@@ -414,17 +429,27 @@ def test_named_port_resolves_per_destination_pod(rlab: NodeLab) -> None:
         for port in (80, 81)
     }
     assert got == {
-        ("x/a", 80): True, ("x/a", 81): False,
-        ("x/b", 80): False, ("x/b", 81): True,
-        ("x/c", 80): False, ("x/c", 81): False,
+        ("x/a", 80): True,
+        ("x/a", 81): False,
+        ("x/b", 80): False,
+        ("x/b", 81): True,
+        ("x/c", 80): False,
+        ("x/c", 81): False,
     }
 
 
 def test_identical_selectors_share_a_set_then_one_is_removed(rlab: NodeLab) -> None:
     docs = model_docs_with()
-    peer = {"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}},
-                      "podSelector": {"matchExpressions": [
-                          {"key": "pod", "operator": "In", "values": ["a", "b"]}]}}]}
+    peer = {
+        "from": [
+            {
+                "namespaceSelector": {"matchLabels": {"ns": "y"}},
+                "podSelector": {
+                    "matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "b"]}]
+                },
+            }
+        ]
+    }
     p1 = netpol("x", "one", {"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [peer]})
     p2 = netpol("z", "two", {"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [peer]})
     apply_and_compare(rlab, [*docs, p1, p2], probes=((80, Protocol.TCP),))
@@ -434,16 +459,23 @@ def test_identical_selectors_share_a_set_then_one_is_removed(rlab: NodeLab) -> N
 
 def test_policy_selecting_no_local_pod(rlab: NodeLab) -> None:
     docs = model_docs_with()
-    nothing = netpol("x", "nothing", {"podSelector": {"matchLabels": {"pod": "nope"}},
-                                      "policyTypes": ["Ingress", "Egress"]})
+    nothing = netpol(
+        "x",
+        "nothing",
+        {"podSelector": {"matchLabels": {"pod": "nope"}}, "policyTypes": ["Ingress", "Egress"]},
+    )
     apply_and_compare(rlab, [*docs, nothing], probes=((80, Protocol.TCP),))
 
 
 def test_namespace_relabel_moves_namespace_selector_peers(rlab: NodeLab) -> None:
-    pol = netpol("x", "from-team", {
-        "podSelector": {},
-        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}}]}],
-    })
+    pol = netpol(
+        "x",
+        "from-team",
+        {
+            "podSelector": {},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "blue"}}}]}],
+        },
+    )
     for blue in ("y", "z", "y"):
         docs = model_docs_with(ns_labels={blue: {"team": "blue"}})
         apply_and_compare(rlab, [*docs, pol], probes=((80, Protocol.TCP),))
@@ -451,11 +483,23 @@ def test_namespace_relabel_moves_namespace_selector_peers(rlab: NodeLab) -> None
 
 def test_pod_ip_change_follows_in_sets_and_antispoof(rlab: NodeLab) -> None:
     new_ip = "10.244.1.50"
-    pol = netpol("x", "from-ya", {
-        "podSelector": {"matchLabels": {"pod": "b"}},
-        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}},
-                               "podSelector": {"matchLabels": {"pod": "a"}}}]}],
-    })
+    pol = netpol(
+        "x",
+        "from-ya",
+        {
+            "podSelector": {"matchLabels": {"pod": "b"}},
+            "ingress": [
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {"matchLabels": {"ns": "y"}},
+                            "podSelector": {"matchLabels": {"pod": "a"}},
+                        }
+                    ]
+                }
+            ],
+        },
+    )
     ya, xb = rlab.pods["y/a"], rlab.pods["x/b"]
     rlab.policy.apply([*model_docs_with(), pol])
     assert probe_pairs([(ya, xb)], port=80, protocol="TCP")[0].connected
@@ -500,17 +544,44 @@ def test_udp_replies_pass_under_egress_deny_on_the_server(rlab: NodeLab) -> None
 def test_world_wide_blocks_and_node_and_outside(rlab: NodeLab) -> None:
     docs = model_docs_with()
     pols = [
-        netpol("x", "egress-world-but-pods", {
-            "podSelector": {}, "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16"]}}]}],
-        }),
-        netpol("y", "egress-nothing-really", {
-            "podSelector": {}, "policyTypes": ["Egress"],
-            "egress": [{"to": [{"ipBlock": {"cidr": "10.244.1.0/24",
-                                            "except": ["10.244.1.0/25", "10.244.1.128/25"]}}]}],
-        }),
-        netpol("z", "ingress-world", {
-            "podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}],
-        }),
+        netpol(
+            "x",
+            "egress-world-but-pods",
+            {
+                "podSelector": {},
+                "policyTypes": ["Egress"],
+                "egress": [
+                    {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16"]}}]}
+                ],
+            },
+        ),
+        netpol(
+            "y",
+            "egress-nothing-really",
+            {
+                "podSelector": {},
+                "policyTypes": ["Egress"],
+                "egress": [
+                    {
+                        "to": [
+                            {
+                                "ipBlock": {
+                                    "cidr": "10.244.1.0/24",
+                                    "except": ["10.244.1.0/25", "10.244.1.128/25"],
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        ),
+        netpol(
+            "z",
+            "ingress-world",
+            {
+                "podSelector": {},
+                "ingress": [{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}],
+            },
+        ),
     ]
     apply_and_compare(rlab, [*docs, *pols], probes=((80, Protocol.TCP), (80, Protocol.UDP)))

@@ -34,8 +34,12 @@ def netpol(
         spec["ingress"] = ingress
     if egress is not None:
         spec["egress"] = egress
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"namespace": ns, "name": name}, "spec": spec}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": spec,
+    }
 
 
 def peer(ns: str | None = None, pod: str | None = None) -> dict[str, Any]:
@@ -47,9 +51,7 @@ def peer(ns: str | None = None, pod: str | None = None) -> dict[str, Any]:
     return out
 
 
-def check(
-    lab: NodeLab, expected: Reachability, *, port: int = 80, protocol: str = "TCP"
-) -> None:
+def check(lab: NodeLab, expected: Reachability, *, port: int = 80, protocol: str = "TCP") -> None:
     observed = lab.probe(port=port, protocol=protocol)
     wrong = [m for m in expected.compare(observed) if m.src != m.dst]
     assert not wrong, expected.report(observed, title=f"{protocol}/{port}")
@@ -85,11 +87,19 @@ def test_default_deny_ingress_isolates_namespace_x(lab: NodeLab, k8s_objects: Ob
 
 
 def test_allow_from_one_pod_of_another_namespace(lab: NodeLab, k8s_objects: Objects) -> None:
-    lab.policy.apply(k8s_objects(extra=[
-        netpol("x", "deny-all"),
-        netpol("x", "allow-yb-to-a", selector={"matchLabels": {"pod": "a"}},
-               ingress=[{"from": [peer(ns="y", pod="b")]}]),
-    ]))
+    lab.policy.apply(
+        k8s_objects(
+            extra=[
+                netpol("x", "deny-all"),
+                netpol(
+                    "x",
+                    "allow-yb-to-a",
+                    selector={"matchLabels": {"pod": "a"}},
+                    ingress=[{"from": [peer(ns="y", pod="b")]}],
+                ),
+            ]
+        )
+    )
     check(lab, expect(lab, True, ("*", "x", False), ("y/b", "x/a", True)))
 
 
@@ -102,9 +112,7 @@ def test_replies_pass_when_server_side_denies_all_egress(
     check(lab, want, port=81, protocol="UDP")
 
 
-def test_established_connection_survives_a_later_deny(
-    lab: NodeLab, k8s_objects: Objects
-) -> None:
+def test_established_connection_survives_a_later_deny(lab: NodeLab, k8s_objects: Objects) -> None:
     """Observed and intended: conntrack ESTABLISHED is accepted before any policy
     chain, so a flow allowed when it started keeps working after a deny; only new
     connections are refused (as with Calico)."""
@@ -122,18 +130,34 @@ def test_established_connection_survives_a_later_deny(
 def test_same_node_needs_egress_of_source_and_ingress_of_destination(
     lab: NodeLab, k8s_objects: Objects
 ) -> None:
-    lab.policy.apply(k8s_objects(extra=[
-        # x/a may only talk to namespace y ...
-        netpol("x", "a-egress-to-y", selector={"matchLabels": {"pod": "a"}}, types=["Egress"],
-               egress=[{"to": [peer(ns="y")]}]),
-        # ... and y/b only accepts namespace z.
-        netpol("y", "b-ingress-from-z", selector={"matchLabels": {"pod": "b"}},
-               ingress=[{"from": [peer(ns="z")]}]),
-    ]))
+    lab.policy.apply(
+        k8s_objects(
+            extra=[
+                # x/a may only talk to namespace y ...
+                netpol(
+                    "x",
+                    "a-egress-to-y",
+                    selector={"matchLabels": {"pod": "a"}},
+                    types=["Egress"],
+                    egress=[{"to": [peer(ns="y")]}],
+                ),
+                # ... and y/b only accepts namespace z.
+                netpol(
+                    "y",
+                    "b-ingress-from-z",
+                    selector={"matchLabels": {"pod": "b"}},
+                    ingress=[{"from": [peer(ns="z")]}],
+                ),
+            ]
+        )
+    )
     want = expect(
-        lab, True,
-        ("x/a", "*", False), ("x/a", "y", True),  # egress of x/a
-        ("*", "y/b", False), ("z", "y/b", True),  # ingress of y/b
+        lab,
+        True,
+        ("x/a", "*", False),
+        ("x/a", "y", True),  # egress of x/a
+        ("*", "y/b", False),
+        ("z", "y/b", True),  # ingress of y/b
     )
     assert not want.get("x/a", "y/b")  # egress allows it, ingress does not
     assert want.get("x/a", "y/a")
@@ -180,4 +204,3 @@ def test_flush_reopens_everything(lab: NodeLab, k8s_objects: Objects) -> None:
     check(lab, expect(lab, False))
     lab.policy.flush()
     check(lab, expect(lab, True))
-

@@ -31,8 +31,17 @@ STATUS: dict[str, Any] = {
     "bgp": {
         "enabled": True,
         "started": True,
-        "peers": [{"address": "10.0.0.1", "asn": 65000, "state": "up", "uptime": 3725.0,
-                   "received": 9, "accepted": 8, "installed": 8}],
+        "peers": [
+            {
+                "address": "10.0.0.1",
+                "asn": 65000,
+                "state": "up",
+                "uptime": 3725.0,
+                "received": 9,
+                "accepted": 8,
+                "installed": 8,
+            }
+        ],
         "routes": {"announced": 9, "learned": 8, "installed": 8},
     },
     "invalid_objects": [{"object": "networkpolicy y/bad", "error": "endPort: must be >= port"}],
@@ -63,8 +72,9 @@ def endpoint(state: dict[str, Any]) -> Iterator[HttpEndpoint]:
     )
     metrics.applied(seconds=0.01, latency=0.3, counts=RulesetCounts(4, 19, 2, 7), local_pods=2)
     metrics.programmed(generation=5, rvs={"pod": "118", "weird": "abc"}, ready=True)
-    routes = health_routes(live=lambda: state["live"], ready=lambda: state["ready"],
-                           status=lambda: state["status"])
+    routes = health_routes(
+        live=lambda: state["live"], ready=lambda: state["ready"], status=lambda: state["status"]
+    )
     routes.update(metrics_routes(metrics.render, metrics.content_type))
 
     def boom() -> Any:
@@ -89,8 +99,10 @@ def test_probes_follow_the_agent(endpoint: HttpEndpoint, state: dict[str, Any]) 
     assert get(endpoint.url + "/boom")[0] == 500
     code, ctype, body = get(endpoint.url + "/status")
     assert code == 200 and ctype == "application/json"
-    assert json.loads(body)["programmed_resource_versions"] == {"networkpolicy": "120",
-                                                                "pod": "118"}
+    assert json.loads(body)["programmed_resource_versions"] == {
+        "networkpolicy": "120",
+        "pod": "118",
+    }
 
 
 def test_metrics_exposition(endpoint: HttpEndpoint) -> None:
@@ -153,8 +165,15 @@ def test_status_cli_unreachable_agent_exits_1() -> None:
 
 
 def test_format_status_not_ready_and_routing_off() -> None:
-    doc = {**STATUS, "ready": False, "in_sync": False, "bgp": {"enabled": False},
-           "invalid_objects": [], "errors": ["iptables-restore: exit 1"], "last_apply": None}
+    doc = {
+        **STATUS,
+        "ready": False,
+        "in_sync": False,
+        "bgp": {"enabled": False},
+        "invalid_objects": [],
+        "errors": ["iptables-restore: exit 1"],
+        "last_apply": None,
+    }
     text = format_status(doc, now=1010.0)
     assert "NOT ready (waiting for the first full list)" in text
     assert "BGP: disabled (--no-routing)" in text

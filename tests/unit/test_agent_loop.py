@@ -37,8 +37,7 @@ def policy(name: str, *, end_port: int | None = None) -> dict[str, Any]:
         port["endPort"] = end_port
     return {
         "metadata": {"namespace": "x", "name": name},
-        "spec": {"podSelector": {}, "policyTypes": ["Ingress"],
-                 "ingress": [{"ports": [port]}]},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"ports": [port]}]},
     }
 
 
@@ -92,8 +91,15 @@ class OrderedCache(Cache):
 
 
 class Harness:
-    def __init__(self, *, routing: FakeRouting | None = None, max_failures: int = 3,
-                 resync: float = 60.0, batches: Any = None, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        routing: FakeRouting | None = None,
+        max_failures: int = 3,
+        resync: float = 60.0,
+        batches: Any = None,
+        metrics: Any = None,
+    ) -> None:
         self.order: list[str] = []
         self.cache = OrderedCache(self.order)
         self.rvs: dict[str, str] = {}
@@ -129,8 +135,9 @@ class Harness:
 
 
 class _NoBatches:
-    def next_batch(self, *, stop: threading.Event | None = None,
-                   timeout: float | None = None) -> Batch | None:
+    def next_batch(
+        self, *, stop: threading.Event | None = None, timeout: float | None = None
+    ) -> Batch | None:
         raise AssertionError("step() tests do not use the batch source")
 
 
@@ -207,8 +214,9 @@ def test_run_returns_failed_after_max_failures() -> None:
     calls = 0
 
     class Ticks:
-        def next_batch(self, *, stop: threading.Event | None = None,
-                       timeout: float | None = None) -> Batch | None:
+        def next_batch(
+            self, *, stop: threading.Event | None = None, timeout: float | None = None
+        ) -> Batch | None:
             nonlocal calls
             calls += 1
             h.clock.t += 10.0  # past any backoff
@@ -225,8 +233,9 @@ def test_run_stops_on_event_without_touching_the_kernel_again() -> None:
     stop = threading.Event()
 
     class StopAfterOne:
-        def next_batch(self, *, stop: threading.Event | None = None,
-                       timeout: float | None = None) -> Batch | None:
+        def next_batch(
+            self, *, stop: threading.Event | None = None, timeout: float | None = None
+        ) -> Batch | None:
             assert stop is not None
             stop.set()
             return None
@@ -269,14 +278,14 @@ def test_latency_is_observed_for_changes_not_for_the_initial_sync() -> None:
     seen: list[float | None] = []
 
     class Metrics:
-        def applied(self, *, seconds: float, latency: float | None, counts: RulesetCounts,
-                    local_pods: int) -> None:
+        def applied(
+            self, *, seconds: float, latency: float | None, counts: RulesetCounts, local_pods: int
+        ) -> None:
             seen.append(latency)
 
         def apply_failed(self) -> None: ...
 
-        def programmed(self, *, generation: int, rvs: Mapping[str, str], ready: bool) -> None:
-            ...
+        def programmed(self, *, generation: int, rvs: Mapping[str, str], ready: bool) -> None: ...
 
     stop = threading.Event()
     script: list[Any] = []
@@ -285,8 +294,9 @@ def test_latency_is_observed_for_changes_not_for_the_initial_sync() -> None:
         """Each call: run the next action, then hand the loop a batch whose
         first change was seen 250 ms before it closed."""
 
-        def next_batch(self, *, stop: threading.Event | None = None,
-                       timeout: float | None = None) -> Batch | None:
+        def next_batch(
+            self, *, stop: threading.Event | None = None, timeout: float | None = None
+        ) -> Batch | None:
             if not script:
                 assert stop is not None
                 stop.set()

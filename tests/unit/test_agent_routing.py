@@ -32,14 +32,18 @@ def node(name: str, ip: str | None, cidr: str = "10.244.1.0/24") -> tuple[Kind, 
 
 
 def peer(name: str, ip: str, asn: int, **spec: Any) -> tuple[Kind, dict[str, Any]]:
-    return Kind.BGP_PEER, {"metadata": {"name": name},
-                           "spec": {"peerIP": ip, "asNumber": asn, **spec}}
+    return Kind.BGP_PEER, {
+        "metadata": {"name": name},
+        "spec": {"peerIP": ip, "asNumber": asn, **spec},
+    }
 
 
 def pod(ns: str, name: str, ip: str, node_name: str = NODE) -> tuple[Kind, dict[str, Any]]:
-    return Kind.POD, {"metadata": {"namespace": ns, "name": name},
-                      "spec": {"nodeName": node_name, "containers": [{"name": "c"}]},
-                      "status": {"podIP": ip}}
+    return Kind.POD, {
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {"nodeName": node_name, "containers": [{"name": "c"}]},
+        "status": {"podIP": ip},
+    }
 
 
 @dataclass
@@ -62,8 +66,14 @@ class FakeNode:
         from felix_lite.fabric.node import PeerRoutingStatus, RoutingStatus
 
         return RoutingStatus(
-            node_name=self.settings.node_name, bridge_connected=True, synced=True,
-            local_pods=1, exported=1, announced=1, learned_installed=2, conflicts=0,
+            node_name=self.settings.node_name,
+            bridge_connected=True,
+            synced=True,
+            local_pods=1,
+            exported=1,
+            announced=1,
+            learned_installed=2,
+            conflicts=0,
             peers=(PeerRoutingStatus("10.0.0.1", 65000, "up", 12.34, 3, 2, 1, 0, 2, False, ""),),
         )
 
@@ -77,8 +87,9 @@ class Harness:
         self.rendered: list[tuple[BgpSettings, Path, str]] = []
         cfg = cfg or AgentConfig(
             node_name=NODE,
-            bgp=BgpAgentSettings(socket=str(tmp / "run" / "bgp.sock"),
-                                 exabgp_config_dir=str(tmp / "exabgp")),
+            bgp=BgpAgentSettings(
+                socket=str(tmp / "run" / "bgp.sock"), exabgp_config_dir=str(tmp / "exabgp")
+            ),
         )
 
         def factory(settings: BgpSettings, socket_path: str) -> FakeNode:
@@ -92,26 +103,35 @@ class Harness:
 
 
 def test_settings_from_desired_state() -> None:
-    d = desired(node(NODE, "10.0.0.11"), node("node-2", "10.0.0.12"),
-                peer("tor", "10.0.0.1", 65000, holdTime=30, multihop={"ttl": 2}))
+    d = desired(
+        node(NODE, "10.0.0.11"),
+        node("node-2", "10.0.0.12"),
+        peer("tor", "10.0.0.1", 65000, holdTime=30, multihop={"ttl": 2}),
+    )
     s = bgp_settings(d, AgentConfig(node_name=NODE))
     assert s is not None
     assert (s.router_id, s.local_address, s.local_asn) == ("10.0.0.11", "10.0.0.11", 64512)
     assert s.node_block == "10.244.1.0/24"
     assert s.pod_cidrs == ("10.244.0.0/16",)  # the agent config's, no BGPConfiguration
     assert [(p.address, p.asn, p.hold_time, p.multihop_ttl) for p in s.peers] == [
-        ("10.0.0.1", 65000, 30, 2), ("10.0.0.12", 64512, 90, None)]  # ToR + mesh
+        ("10.0.0.1", 65000, 30, 2),
+        ("10.0.0.12", 64512, 90, None),
+    ]  # ToR + mesh
     assert s.env["exabgp.daemon.user"] == "root"
     assert bgp_settings(desired(node(NODE, None)), AgentConfig(node_name=NODE)) is None
-    cfg = AgentConfig(node_name=NODE, bgp=BgpAgentSettings(router_id="1.2.3.4",
-                                                           local_address="10.9.9.9"))
+    cfg = AgentConfig(
+        node_name=NODE, bgp=BgpAgentSettings(router_id="1.2.3.4", local_address="10.9.9.9")
+    )
     s2 = bgp_settings(desired(node(NODE, None)), cfg)
     assert s2 is not None and (s2.router_id, s2.local_address) == ("1.2.3.4", "10.9.9.9")
 
 
 def test_local_pod_routes_use_the_cni_interface_names() -> None:
-    d = desired(pod("x", "a", "10.244.1.2"), pod("x", "b", "fd00::2"),
-                pod("x", "c", "10.244.2.2", node_name="node-2"))
+    d = desired(
+        pod("x", "a", "10.244.1.2"),
+        pod("x", "b", "fd00::2"),
+        pod("x", "c", "10.244.2.2", node_name="node-2"),
+    )
     assert local_pod_routes(d) == {"10.244.1.2": pod_interface("x", "a")}
 
 
@@ -120,8 +140,9 @@ def test_driver_waits_for_router_id_then_starts(tmp_path: Path) -> None:
     h.driver.update(desired(node(NODE, None), pod("x", "a", "10.244.1.2")))
     assert not h.driver.ready and h.nodes == [] and h.rendered == []
     assert "no InternalIP" in h.driver.status()["errors"][0]
-    d = desired(node(NODE, "10.0.0.11"), pod("x", "a", "10.244.1.2"), peer("tor", "10.0.0.1",
-                                                                         65000))
+    d = desired(
+        node(NODE, "10.0.0.11"), pod("x", "a", "10.244.1.2"), peer("tor", "10.0.0.1", 65000)
+    )
     h.driver.update(d)
     assert h.driver.ready and len(h.nodes) == 1 and h.nodes[0].started
     settings, conf_dir, sock = h.rendered[0]

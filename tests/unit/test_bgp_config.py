@@ -163,7 +163,9 @@ def test_exabgp_validate_accepts_rendered(name: str, tmp_path: Path) -> None:
     env.write_text(render_env(settings))
     r = subprocess.run(
         ["exabgp", "--env-file", str(env), "validate", str(conf)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stdout + r.stderr
 

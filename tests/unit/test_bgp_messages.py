@@ -34,7 +34,9 @@ _NB = (
 STATE_CONNECTED = _HDR + '"counter": 1, "type": "state", ' + _NB + '"state": "connected" } }'
 STATE_UP = _HDR + '"counter": 2, "type": "state", ' + _NB + '"state": "up" } }'
 STATE_DOWN = (
-    _HDR + '"counter": 10, "type": "state", ' + _NB
+    _HDR
+    + '"counter": 10, "type": "state", '
+    + _NB
     + '"state": "down", "reason": "notification received (6,2)" } }'
 )
 UPDATE_ANNOUNCE = (
@@ -131,8 +133,11 @@ def _rib(max_prefix: int = 100, **kw: object) -> AdjRibIn:
     )
 
 
-def _upd(announced: dict[str, str], withdrawn: set[str] | None = None,
-         as_path: tuple[int, ...] = (65000,)) -> UpdateEvent:
+def _upd(
+    announced: dict[str, str],
+    withdrawn: set[str] | None = None,
+    as_path: tuple[int, ...] = (65000,),
+) -> UpdateEvent:
     return UpdateEvent("10.99.0.1", 65000, announced, frozenset(withdrawn or ()), as_path)
 
 
@@ -175,9 +180,7 @@ def test_filter_prefix_equal_to_pod_cidr_is_inside() -> None:
 def test_max_prefix_blocks_and_logs(caplog: pytest.LogCaptureFixture) -> None:
     rib = _rib(max_prefix=2)
     with caplog.at_level(logging.WARNING):
-        delta = rib.apply(
-            _upd({f"10.244.1.{i}/32": "10.99.0.11" for i in range(1, 5)})
-        )
+        delta = rib.apply(_upd({f"10.244.1.{i}/32": "10.99.0.11" for i in range(1, 5)}))
     assert len(delta.announced) == 2
     assert sum(1 for r in delta.rejected.values() if r is RejectReason.MAX_PREFIX) == 2
     assert rib.limit_hit

@@ -28,8 +28,12 @@ REJECTED = re.compile(
     r"^rejected: (networkpolicy|pod|namespace) [^ :]*/?[^ :]*: "
     r"(metadata|spec|status|apiVersion)[\w.\[\]/-]*: \S.*$"
 )
-GOOD = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"namespace": "y", "name": "good"}, "spec": {"podSelector": {}}}
+GOOD = {
+    "apiVersion": "networking.k8s.io/v1",
+    "kind": "NetworkPolicy",
+    "metadata": {"namespace": "y", "name": "good"},
+    "spec": {"podSelector": {}},
+}
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -50,8 +54,13 @@ def render(*files: Path) -> subprocess.CompletedProcess[str]:
 
 
 def np(spec: Any, *, name: str = "h", ns: str = "x", **top: Any) -> dict[str, Any]:
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"namespace": ns, "name": name}, "spec": spec, **top}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": spec,
+        **top,
+    }
 
 
 def ingress_ports(*ports: Any) -> dict[str, Any]:
@@ -79,27 +88,51 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("podSelector-list", np(selector([])), "spec.podSelector"),
     ("podSelector-string", np(selector("app=web")), "spec.podSelector"),
     ("matchLabels-list", np(selector({"matchLabels": ["a"]})), "spec.podSelector.matchLabels"),
-    ("matchLabels-int-value", np(selector({"matchLabels": {"a": 1}})),
-     "spec.podSelector.matchLabels[a]"),
-    ("matchLabels-null-value", np(selector({"matchLabels": {"a": None}})),
-     "spec.podSelector.matchLabels[a]"),
-    ("matchLabels-int-key", np(selector({"matchLabels": {1: "a"}})),
-     "spec.podSelector.matchLabels"),
-    ("matchExpressions-map", np(selector({"matchExpressions": {"key": "a"}})),
-     "spec.podSelector.matchExpressions"),
-    ("operator-like", np(selector({"matchExpressions": [
-        {"key": "a", "operator": "Like", "values": ["b"]}]})),
-     "spec.podSelector.matchExpressions[0].operator"),
-    ("operator-missing", np(selector({"matchExpressions": [{"key": "a"}]})),
-     "spec.podSelector.matchExpressions[0].operator"),
-    ("values-on-exists", np(selector({"matchExpressions": [
-        {"key": "a", "operator": "Exists", "values": ["b"]}]})),
-     "spec.podSelector.matchExpressions[0].values"),
-    ("in-without-values", np(selector({"matchExpressions": [{"key": "a", "operator": "In"}]})),
-     "spec.podSelector.matchExpressions[0].values"),
-    ("values-string", np(selector({"matchExpressions": [
-        {"key": "a", "operator": "In", "values": "b"}]})),
-     "spec.podSelector.matchExpressions[0].values"),
+    (
+        "matchLabels-int-value",
+        np(selector({"matchLabels": {"a": 1}})),
+        "spec.podSelector.matchLabels[a]",
+    ),
+    (
+        "matchLabels-null-value",
+        np(selector({"matchLabels": {"a": None}})),
+        "spec.podSelector.matchLabels[a]",
+    ),
+    (
+        "matchLabels-int-key",
+        np(selector({"matchLabels": {1: "a"}})),
+        "spec.podSelector.matchLabels",
+    ),
+    (
+        "matchExpressions-map",
+        np(selector({"matchExpressions": {"key": "a"}})),
+        "spec.podSelector.matchExpressions",
+    ),
+    (
+        "operator-like",
+        np(selector({"matchExpressions": [{"key": "a", "operator": "Like", "values": ["b"]}]})),
+        "spec.podSelector.matchExpressions[0].operator",
+    ),
+    (
+        "operator-missing",
+        np(selector({"matchExpressions": [{"key": "a"}]})),
+        "spec.podSelector.matchExpressions[0].operator",
+    ),
+    (
+        "values-on-exists",
+        np(selector({"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["b"]}]})),
+        "spec.podSelector.matchExpressions[0].values",
+    ),
+    (
+        "in-without-values",
+        np(selector({"matchExpressions": [{"key": "a", "operator": "In"}]})),
+        "spec.podSelector.matchExpressions[0].values",
+    ),
+    (
+        "values-string",
+        np(selector({"matchExpressions": [{"key": "a", "operator": "In", "values": "b"}]})),
+        "spec.podSelector.matchExpressions[0].values",
+    ),
     ("ports-map", np({"podSelector": {}, "ingress": [{"ports": {}}]}), "spec.ingress[0].ports"),
     ("port-true", np(ingress_ports({"port": True})), "spec.ingress[0].ports[0].port"),
     ("port-70000", np(ingress_ports({"port": 70000})), "spec.ingress[0].ports[0].port"),
@@ -109,86 +142,176 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("port-list", np(ingress_ports({"port": [80]})), "spec.ingress[0].ports[0].port"),
     ("port-name-upper", np(ingress_ports({"port": "HTTP"})), "spec.ingress[0].ports[0].port"),
     ("port-name-long", np(ingress_ports({"port": "a" * 16})), "spec.ingress[0].ports[0].port"),
-    ("protocol-icmp", np(ingress_ports({"protocol": "ICMP"})),
-     "spec.ingress[0].ports[0].protocol"),
-    ("protocol-lower", np(ingress_ports({"protocol": "tcp"})),
-     "spec.ingress[0].ports[0].protocol"),
+    ("protocol-icmp", np(ingress_ports({"protocol": "ICMP"})), "spec.ingress[0].ports[0].protocol"),
+    ("protocol-lower", np(ingress_ports({"protocol": "tcp"})), "spec.ingress[0].ports[0].protocol"),
     ("protocol-int", np(ingress_ports({"protocol": 6})), "spec.ingress[0].ports[0].protocol"),
-    ("endport-below", np(ingress_ports({"port": 90, "endPort": 80})),
-     "spec.ingress[0].ports[0].endPort"),
+    (
+        "endport-below",
+        np(ingress_ports({"port": 90, "endPort": 80})),
+        "spec.ingress[0].ports[0].endPort",
+    ),
     ("endport-no-port", np(ingress_ports({"endPort": 80})), "spec.ingress[0].ports[0].endPort"),
-    ("endport-named", np(ingress_ports({"port": "web", "endPort": 80})),
-     "spec.ingress[0].ports[0].endPort"),
-    ("endport-70000", np(ingress_ports({"port": 80, "endPort": 70000})),
-     "spec.ingress[0].ports[0].endPort"),
-    ("cidr-prefix-40", np(ingress_from({"ipBlock": {"cidr": "1.2.3.4/40"}})),
-     "spec.ingress[0].from[0].ipBlock.cidr"),
-    ("cidr-no-prefix", np(ingress_from({"ipBlock": {"cidr": "1.2.3.4"}})),
-     "spec.ingress[0].from[0].ipBlock.cidr"),
-    ("cidr-int", np(ingress_from({"ipBlock": {"cidr": 10}})),
-     "spec.ingress[0].from[0].ipBlock.cidr"),
+    (
+        "endport-named",
+        np(ingress_ports({"port": "web", "endPort": 80})),
+        "spec.ingress[0].ports[0].endPort",
+    ),
+    (
+        "endport-70000",
+        np(ingress_ports({"port": 80, "endPort": 70000})),
+        "spec.ingress[0].ports[0].endPort",
+    ),
+    (
+        "cidr-prefix-40",
+        np(ingress_from({"ipBlock": {"cidr": "1.2.3.4/40"}})),
+        "spec.ingress[0].from[0].ipBlock.cidr",
+    ),
+    (
+        "cidr-no-prefix",
+        np(ingress_from({"ipBlock": {"cidr": "1.2.3.4"}})),
+        "spec.ingress[0].from[0].ipBlock.cidr",
+    ),
+    (
+        "cidr-int",
+        np(ingress_from({"ipBlock": {"cidr": 10}})),
+        "spec.ingress[0].from[0].ipBlock.cidr",
+    ),
     ("cidr-missing", np(ingress_from({"ipBlock": {}})), "spec.ingress[0].from[0].ipBlock.cidr"),
-    ("except-outside", np(ingress_from({"ipBlock": {"cidr": "10.0.0.0/8",
-                                                    "except": ["11.0.0.0/16"]}})),
-     "spec.ingress[0].from[0].ipBlock.except[0]"),
-    ("except-equal", np(ingress_from({"ipBlock": {"cidr": "10.0.0.0/8",
-                                                  "except": ["10.0.0.0/8"]}})),
-     "spec.ingress[0].from[0].ipBlock.except[0]"),
-    ("except-string", np(ingress_from({"ipBlock": {"cidr": "10.0.0.0/8",
-                                                   "except": "10.1.0.0/16"}})),
-     "spec.ingress[0].from[0].ipBlock.except"),
-    ("except-v6-in-v4", np(ingress_from({"ipBlock": {"cidr": "10.0.0.0/8",
-                                                     "except": ["::/64"]}})),
-     "spec.ingress[0].from[0].ipBlock.except[0]"),
+    (
+        "except-outside",
+        np(ingress_from({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}})),
+        "spec.ingress[0].from[0].ipBlock.except[0]",
+    ),
+    (
+        "except-equal",
+        np(ingress_from({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/8"]}})),
+        "spec.ingress[0].from[0].ipBlock.except[0]",
+    ),
+    (
+        "except-string",
+        np(ingress_from({"ipBlock": {"cidr": "10.0.0.0/8", "except": "10.1.0.0/16"}})),
+        "spec.ingress[0].from[0].ipBlock.except",
+    ),
+    (
+        "except-v6-in-v4",
+        np(ingress_from({"ipBlock": {"cidr": "10.0.0.0/8", "except": ["::/64"]}})),
+        "spec.ingress[0].from[0].ipBlock.except[0]",
+    ),
     ("peer-empty", np(ingress_from({})), "spec.ingress[0].from[0]"),
-    ("peer-block-and-selector", np(ingress_from({"ipBlock": {"cidr": "10.0.0.0/8"},
-                                                 "podSelector": {}})),
-     "spec.ingress[0].from[0]"),
-    ("from-string", np({"podSelector": {}, "ingress": [{"from": "everyone"}]}),
-     "spec.ingress[0].from"),
+    (
+        "peer-block-and-selector",
+        np(ingress_from({"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}})),
+        "spec.ingress[0].from[0]",
+    ),
+    (
+        "from-string",
+        np({"podSelector": {}, "ingress": [{"from": "everyone"}]}),
+        "spec.ingress[0].from",
+    ),
     ("ingress-string", np({"podSelector": {}, "ingress": "all"}), "spec.ingress"),
     ("egress-rule-int", np({"podSelector": {}, "egress": [1]}), "spec.egress[0]"),
-    ("policyTypes-sideways", np({"podSelector": {}, "policyTypes": ["Sideways"]}),
-     "spec.policyTypes[0]"),
-    ("policyTypes-string", np({"podSelector": {}, "policyTypes": "Ingress"}),
-     "spec.policyTypes"),
-    ("policyTypes-duplicate", np({"podSelector": {}, "policyTypes": ["Ingress", "Ingress"]}),
-     "spec.policyTypes[1]"),
-    ("metadata-missing", {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                          "spec": {"podSelector": {}}}, "metadata.name"),
-    ("metadata-string", {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                         "metadata": "x", "spec": {"podSelector": {}}}, "metadata"),
-    ("name-list", {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                   "metadata": {"name": ["a"], "namespace": "x"}, "spec": {}}, "metadata.name"),
+    (
+        "policyTypes-sideways",
+        np({"podSelector": {}, "policyTypes": ["Sideways"]}),
+        "spec.policyTypes[0]",
+    ),
+    ("policyTypes-string", np({"podSelector": {}, "policyTypes": "Ingress"}), "spec.policyTypes"),
+    (
+        "policyTypes-duplicate",
+        np({"podSelector": {}, "policyTypes": ["Ingress", "Ingress"]}),
+        "spec.policyTypes[1]",
+    ),
+    (
+        "metadata-missing",
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "spec": {"podSelector": {}},
+        },
+        "metadata.name",
+    ),
+    (
+        "metadata-string",
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": "x",
+            "spec": {"podSelector": {}},
+        },
+        "metadata",
+    ),
+    (
+        "name-list",
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": ["a"], "namespace": "x"},
+            "spec": {},
+        },
+        "metadata.name",
+    ),
     ("unicode-name", np({"podSelector": {}}, name="pölicy-ü"), "metadata.name"),
     ("unicode-namespace", np({"podSelector": {}}, ns="名前"), "metadata.namespace"),
     ("recursive-ingress", np({"podSelector": {}, "ingress": _recursive()}), "spec.ingress[0]"),
-    ("unicode-label", np(selector({"matchLabels": {"ключ": "значение"}})),
-     "spec.podSelector.matchLabels[ключ]"),
-    ("huge-label-value", np(selector({"matchLabels": {"app": "v" * 200_000}})),
-     "spec.podSelector.matchLabels[app]"),
-    ("huge-label-key", np(selector({"matchLabels": {"k" * 100_000: "v"}})),
-     "spec.podSelector.matchLabels[kkkk"),
-    ("api-version-wrong", np({"podSelector": {}}, apiVersion="extensions/v1beta1"),
-     "apiVersion"),
-    ("pod-bad-ip", {"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": "x",
-                                                                     "name": "p"},
-                    "status": {"podIP": "999.1.1.1"}}, "status.podIP"),
-    ("pod-port-string", {"apiVersion": "v1", "kind": "Pod",
-                         "metadata": {"namespace": "x", "name": "p"},
-                         "spec": {"containers": [{"ports": [{"containerPort": "80"}]}]}},
-     "spec.containers[0].ports[0].containerPort"),
-    ("pod-hostnetwork-string", {"apiVersion": "v1", "kind": "Pod",
-                                "metadata": {"namespace": "x", "name": "p"},
-                                "spec": {"hostNetwork": "yes"}}, "spec.hostNetwork"),
-    ("namespace-bad-label", {"apiVersion": "v1", "kind": "Namespace",
-                             "metadata": {"name": "x", "labels": {"ns": "x y"}}},
-     "metadata.labels[ns]"),
+    (
+        "unicode-label",
+        np(selector({"matchLabels": {"ключ": "значение"}})),
+        "spec.podSelector.matchLabels[ключ]",
+    ),
+    (
+        "huge-label-value",
+        np(selector({"matchLabels": {"app": "v" * 200_000}})),
+        "spec.podSelector.matchLabels[app]",
+    ),
+    (
+        "huge-label-key",
+        np(selector({"matchLabels": {"k" * 100_000: "v"}})),
+        "spec.podSelector.matchLabels[kkkk",
+    ),
+    ("api-version-wrong", np({"podSelector": {}}, apiVersion="extensions/v1beta1"), "apiVersion"),
+    (
+        "pod-bad-ip",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"namespace": "x", "name": "p"},
+            "status": {"podIP": "999.1.1.1"},
+        },
+        "status.podIP",
+    ),
+    (
+        "pod-port-string",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"namespace": "x", "name": "p"},
+            "spec": {"containers": [{"ports": [{"containerPort": "80"}]}]},
+        },
+        "spec.containers[0].ports[0].containerPort",
+    ),
+    (
+        "pod-hostnetwork-string",
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"namespace": "x", "name": "p"},
+            "spec": {"hostNetwork": "yes"},
+        },
+        "spec.hostNetwork",
+    ),
+    (
+        "namespace-bad-label",
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": "x", "labels": {"ns": "x y"}},
+        },
+        "metadata.labels[ns]",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("doc", "field"), [(d, f) for _, d, f in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("doc", "field"), [(d, f) for _, d, f in CASES], ids=[c[0] for c in CASES])
 def test_hostile_object_is_rejected_by_field(tmp_path: Path, doc: Any, field: str) -> None:
     f = tmp_path / "h.yaml"
     f.write_text(yaml.safe_dump_all([doc, GOOD], allow_unicode=True))
@@ -216,11 +339,22 @@ def test_hostile_object_is_rejected_by_field(tmp_path: Path, doc: Any, field: st
         (b"- &a [*a]\n", "document 0: expected a mapping"),  # recursive alias
         (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
         (b"[" * 40000 + b"]" * 40000, "nested too deeply"),  # libyaml would segfault
-        ("kind: NetworkPolicy\nmetadata: {name: \udcff}\n".encode("utf-8", "surrogateescape"),
-         "not valid YAML"),
+        (
+            "kind: NetworkPolicy\nmetadata: {name: \udcff}\n".encode("utf-8", "surrogateescape"),
+            "not valid YAML",
+        ),
     ],
-    ids=["binary", "nul-bytes", "scalar", "top-list", "broken", "recursive", "deep", "deeper",
-         "bad-utf8"],
+    ids=[
+        "binary",
+        "nul-bytes",
+        "scalar",
+        "top-list",
+        "broken",
+        "recursive",
+        "deep",
+        "deeper",
+        "bad-utf8",
+    ],
 )
 def test_unreadable_files_give_one_line(tmp_path: Path, content: bytes, expected: str) -> None:
     f = tmp_path / "bad.yaml"
@@ -239,8 +373,10 @@ def test_unreadable_files_give_one_line(tmp_path: Path, content: bytes, expected
 @pytest.mark.parametrize(
     ("doc", "expected"),
     [
-        ({"apiVersion": "v1", "metadata": {"name": "a", "namespace": "x"}, "spec": {}},
-         "rejected: object x/a: kind: required"),
+        (
+            {"apiVersion": "v1", "metadata": {"name": "a", "namespace": "x"}, "spec": {}},
+            "rejected: object x/a: kind: required",
+        ),
         ({"kind": 5, "metadata": {"name": "a"}}, "rejected: object a: kind: must be a string"),
         ({"kind": ["NetworkPolicy"]}, "rejected: object <unnamed>: kind: must be a string"),
     ],
@@ -269,8 +405,20 @@ def test_bad_command_line_is_usage_error_not_traceback(tmp_path: Path) -> None:
         ["policy", "render", "--node", "n"],  # -f missing
         ["policy", "render", "--node", "n", "-f", str(tmp_path), "--format", "xml"],
         ["policy", "explain", "--from", "x/a", "--to", "x/b", "--port", "http", "-f", "."],
-        ["policy", "explain", "--from", "x/a", "--to", "x/b", "--port", "80",
-         "--protocol", "icmp", "-f", "."],
+        [
+            "policy",
+            "explain",
+            "--from",
+            "x/a",
+            "--to",
+            "x/b",
+            "--port",
+            "80",
+            "--protocol",
+            "icmp",
+            "-f",
+            ".",
+        ],
         ["policy"],
         ["nonsense"],
     ):
@@ -284,16 +432,34 @@ def _many_policies(n: int) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     for i in range(n):
         ns = "xyz"[i % 3]
-        docs.append(np({
-            "podSelector": {"matchLabels": {"pod": "abc"[i % 3]}},
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": f"t{i % 50}"}},
-                                   "podSelector": {"matchLabels": {"app": f"a{i % 70}"}}},
-                                  {"ipBlock": {"cidr": f"10.{i % 250}.0.0/16",
-                                               "except": [f"10.{i % 250}.1.0/24"]}}],
-                         "ports": [{"port": 80 + i % 5}, {"port": "serve-80-tcp"}]}],
-            "egress": [{"to": [{"podSelector": {"matchLabels": {"app": f"a{i % 90}"}}}]}],
-        }, name=f"p{i}", ns=ns))
+        docs.append(
+            np(
+                {
+                    "podSelector": {"matchLabels": {"pod": "abc"[i % 3]}},
+                    "policyTypes": ["Ingress", "Egress"],
+                    "ingress": [
+                        {
+                            "from": [
+                                {
+                                    "namespaceSelector": {"matchLabels": {"team": f"t{i % 50}"}},
+                                    "podSelector": {"matchLabels": {"app": f"a{i % 70}"}},
+                                },
+                                {
+                                    "ipBlock": {
+                                        "cidr": f"10.{i % 250}.0.0/16",
+                                        "except": [f"10.{i % 250}.1.0/24"],
+                                    }
+                                },
+                            ],
+                            "ports": [{"port": 80 + i % 5}, {"port": "serve-80-tcp"}],
+                        }
+                    ],
+                    "egress": [{"to": [{"podSelector": {"matchLabels": {"app": f"a{i % 90}"}}}]}],
+                },
+                name=f"p{i}",
+                ns=ns,
+            )
+        )
     return docs
 
 
@@ -301,8 +467,15 @@ def _many_policies(n: int) -> list[dict[str, Any]]:
 def test_ten_thousand_policies_render_quickly(tmp_path: Path) -> None:
     f = tmp_path / "many.yaml"
     # JSON is YAML: written and parsed far faster than block YAML.
-    f.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
-                             "items": [*model_docs(upstream_model()), *_many_policies(10_000)]}))
+    f.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": [*model_docs(upstream_model()), *_many_policies(10_000)],
+            }
+        )
+    )
     t0 = time.monotonic()
     res = render(f)
     elapsed = time.monotonic() - t0

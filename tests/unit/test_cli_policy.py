@@ -34,17 +34,33 @@ IPS = {p.key: p.ip for p in MODEL.pods}
 
 
 def netpol(ns: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"namespace": ns, "name": name}, "spec": spec}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": spec,
+    }
 
 
 DENY_X = netpol("x", "deny", {"podSelector": {}})
-ALLOW_YB_TO_XA = netpol("x", "allow-yb", {
-    "podSelector": {"matchLabels": {"pod": "a"}},
-    "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}},
-                           "podSelector": {"matchLabels": {"pod": "b"}}}],
-                 "ports": [{"port": 80}, {"port": "serve-81-udp", "protocol": "UDP"}]}],
-})
+ALLOW_YB_TO_XA = netpol(
+    "x",
+    "allow-yb",
+    {
+        "podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {"matchLabels": {"ns": "y"}},
+                        "podSelector": {"matchLabels": {"pod": "b"}},
+                    }
+                ],
+                "ports": [{"port": 80}, {"port": "serve-81-udp", "protocol": "UDP"}],
+            }
+        ],
+    },
+)
 BAD = netpol("x", "bad", {"podSelector": {}, "ingress": [{"ports": [{"port": 90, "endPort": 80}]}]})
 
 
@@ -90,10 +106,9 @@ def test_render_json_is_the_compiled_ruleset(
     assert {n: c["rules"] for n, c in got["chains"].items()} == {
         n: list(c.rules) for n, c in want.chains.items()
     }
-    assert {n: (s["type"], sorted(s["members"]), sorted(s["nomatch"]))
-            for n, s in got["sets"].items()} == {
-        n: (s.type.value, sorted(s.members), sorted(s.nomatch)) for n, s in want.sets.items()
-    }
+    assert {
+        n: (s["type"], sorted(s["members"]), sorted(s["nomatch"])) for n, s in got["sets"].items()
+    } == {n: (s.type.value, sorted(s.members), sorted(s.nomatch)) for n, s in want.sets.items()}
     assert got["hooks"] == [
         {"table": "filter", "chain": "FORWARD", "rule": "-j FL-FORWARD"},
         {"table": "filter", "chain": "INPUT", "rule": "-j FL-INPUT"},
@@ -163,8 +178,19 @@ def test_render_of_other_node_has_no_pod_chains(
     capsys: pytest.CaptureFixture[str], model_file: Path, tmp_path: Path
 ) -> None:
     pols = write(tmp_path / "pols.yaml", [DENY_X])
-    rc, out, _ = run(capsys, "policy", "render", "--node", "elsewhere", "-f", str(model_file),
-                     "-f", str(pols), "--format", "json")
+    rc, out, _ = run(
+        capsys,
+        "policy",
+        "render",
+        "--node",
+        "elsewhere",
+        "-f",
+        str(model_file),
+        "-f",
+        str(pols),
+        "--format",
+        "json",
+    )
     assert rc == 0
     chains = json.loads(out)["chains"]
     assert not [n for n in chains if n.startswith(("FL-TW-", "FL-FW-", "FL-PI-", "FL-PE-"))]
@@ -177,7 +203,8 @@ def test_render_of_other_node_has_no_pod_chains(
 
 def _policy_descs(out: str) -> list[str]:
     return sorted(
-        c["description"] for c in json.loads(out)["chains"].values()
+        c["description"]
+        for c in json.loads(out)["chains"].values()
         if c["description"].startswith("policy ")
     )
 
@@ -190,25 +217,52 @@ def test_f_directory_several_f_and_lists(
     write(d / "a-model.yaml", model_docs(MODEL))
     write(d / "b-pol.yml", [DENY_X])
     (d / "ignored.txt").write_text("not: [yaml")  # not a manifest suffix
-    extra = write(tmp_path / "list.yaml", [
-        {"apiVersion": "v1", "kind": "List",
-         "items": [netpol("y", "in-list", {"podSelector": {}})]},
-        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicyList",
-         "items": [{"metadata": {"namespace": "z", "name": "typed-item"},
-                    "spec": {"podSelector": {}}}]},
-    ])
-    rc, out, err = run(capsys, "policy", "render", "--node", NODE, "-f", str(d), "-f",
-                       str(extra), "--format", "json")
+    extra = write(
+        tmp_path / "list.yaml",
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": [netpol("y", "in-list", {"podSelector": {}})],
+            },
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicyList",
+                "items": [
+                    {
+                        "metadata": {"namespace": "z", "name": "typed-item"},
+                        "spec": {"podSelector": {}},
+                    }
+                ],
+            },
+        ],
+    )
+    rc, out, err = run(
+        capsys,
+        "policy",
+        "render",
+        "--node",
+        NODE,
+        "-f",
+        str(d),
+        "-f",
+        str(extra),
+        "--format",
+        "json",
+    )
     assert (rc, err) == (0, "")
     assert _policy_descs(out) == [
-        "policy x/deny ingress", "policy y/in-list ingress", "policy z/typed-item ingress"
+        "policy x/deny ingress",
+        "policy y/in-list ingress",
+        "policy z/typed-item ingress",
     ]
 
 
 def test_json_file_is_accepted(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     f = tmp_path / "objs.json"
-    f.write_text(json.dumps({"apiVersion": "v1", "kind": "List",
-                             "items": [*model_docs(MODEL), DENY_X]}))
+    f.write_text(
+        json.dumps({"apiVersion": "v1", "kind": "List", "items": [*model_docs(MODEL), DENY_X]})
+    )
     rc, out, _ = run(capsys, "policy", "render", "--node", NODE, "-f", str(f), "--format", "json")
     assert rc == 0
     assert _policy_descs(out) == ["policy x/deny ingress"]
@@ -246,8 +300,19 @@ def test_object_without_kind_is_reported(
 ) -> None:
     kindless = {k: v for k, v in DENY_X.items() if k != "kind"}
     f = write(tmp_path / "k.yaml", [kindless, netpol("y", "ok", {"podSelector": {}})])
-    rc, out, err = run(capsys, "policy", "render", "--node", NODE, "-f", str(model_file),
-                       "-f", str(f), "--format", "json")
+    rc, out, err = run(
+        capsys,
+        "policy",
+        "render",
+        "--node",
+        NODE,
+        "-f",
+        str(model_file),
+        "-f",
+        str(f),
+        "--format",
+        "json",
+    )
     assert rc == 1
     assert err == "rejected: object x/deny: kind: required\n"
     assert _policy_descs(out) == ["policy y/ok ingress"]
@@ -257,8 +322,9 @@ def test_object_without_kind_is_reported(
 # explain
 
 
-def _explain(capsys: pytest.CaptureFixture[str], files: list[Path], src: str, dst: str,
-             *extra: str) -> tuple[int, str, str]:
+def _explain(
+    capsys: pytest.CaptureFixture[str], files: list[Path], src: str, dst: str, *extra: str
+) -> tuple[int, str, str]:
     args = ["policy", "explain", "--from", src, "--to", dst, *extra]
     for f in files:
         args += ["-f", str(f)]
@@ -284,21 +350,32 @@ def test_explain_text_denied_and_allowed(
     rc, out, _ = _explain(capsys, [model_file, pol_file], "y/b", "x/a", "--port", "80")
     assert rc == 0
     assert out.splitlines()[0] == "y/b -> x/a TCP/80: ALLOWED"
-    assert "    allowed by x/allow-yb ingress rule 0: from pods [pod=b] in namespaces [ns=y]; " \
-           "ports TCP/80, UDP/serve-81-udp" in out.splitlines()
+    assert (
+        "    allowed by x/allow-yb ingress rule 0: from pods [pod=b] in namespaces [ns=y]; "
+        "ports TCP/80, UDP/serve-81-udp" in out.splitlines()
+    )
 
 
 def test_explain_json_shape(
     capsys: pytest.CaptureFixture[str], model_file: Path, pol_file: Path
 ) -> None:
-    rc, out, _ = _explain(capsys, [model_file, pol_file], "y/b", "x/a", "--port", "81",
-                          "--protocol", "UDP", "--json")
+    rc, out, _ = _explain(
+        capsys, [model_file, pol_file], "y/b", "x/a", "--port", "81", "--protocol", "UDP", "--json"
+    )
     assert rc == 0
     assert json.loads(out) == {
-        "from": "y/b", "to": "x/a", "port": 81, "protocol": "UDP", "allowed": True,
+        "from": "y/b",
+        "to": "x/a",
+        "port": 81,
+        "protocol": "UDP",
+        "allowed": True,
         "egress": {"allowed": True, "isolated": False, "policies": [], "allowed_by": []},
-        "ingress": {"allowed": True, "isolated": True, "policies": ["x/allow-yb", "x/deny"],
-                    "allowed_by": [{"policy": "x/allow-yb", "direction": "Ingress", "rule": 0}]},
+        "ingress": {
+            "allowed": True,
+            "isolated": True,
+            "policies": ["x/allow-yb", "x/deny"],
+            "allowed_by": [{"policy": "x/allow-yb", "direction": "Ingress", "rule": 0}],
+        },
     }
     # TCP/81 is not in the rule: denied.
     rc, out, _ = _explain(capsys, [model_file, pol_file], "y/b", "x/a", "--port", "81", "--json")
@@ -362,12 +439,19 @@ def _endpoint_refs(state: Any) -> list[str]:
     return [*refs, "198.51.100.7"]
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(state=S.e2e_cluster(max_policies=4), data=st.data())
 def test_explain_json_agrees_with_the_oracle(
-    capsys: pytest.CaptureFixture[str], tmp_path_factory: pytest.TempPathFactory,
-    state: Any, data: st.DataObject,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path_factory: pytest.TempPathFactory,
+    state: Any,
+    data: st.DataObject,
 ) -> None:
     f = write(tmp_path_factory.mktemp("ex") / "c.yaml", S.cluster_to_objs(state))
     parsed, errors = build_cluster(S.cluster_to_objs(state))
@@ -377,12 +461,18 @@ def test_explain_json_agrees_with_the_oracle(
     dst = data.draw(st.sampled_from(refs), label="dst")
     port = data.draw(st.sampled_from([80, 81, 443]), label="port")
     proto = data.draw(st.sampled_from(["tcp", "UDP", "sctp"]), label="protocol")
-    rc, out, err = _explain(capsys, [f], src, dst, "--port", str(port), "--protocol", proto,
-                            "--json")
+    rc, out, err = _explain(
+        capsys, [f], src, dst, "--port", str(port), "--protocol", proto, "--json"
+    )
     assert (rc, err) == (0, "")
     got = json.loads(out)
-    v = evaluate(parsed, endpoint_for(parsed, src), endpoint_for(parsed, dst), port=port,
-                 protocol=Protocol(proto.upper()))
+    v = evaluate(
+        parsed,
+        endpoint_for(parsed, src),
+        endpoint_for(parsed, dst),
+        port=port,
+        protocol=Protocol(proto.upper()),
+    )
     assert got["allowed"] == v.allowed
     for side, d in (("egress", v.egress), ("ingress", v.ingress)):
         assert got[side]["allowed"] == d.allowed

@@ -606,42 +606,74 @@ _IPS = (*(f"10.0.0.{i}" for i in range(1, 7)), "fd00::1")
 
 # Small pools so that selectors often select, sets fill and updates matter.
 _SELS = (
-    LabelSelector(), sel(pod="a"), sel(app="web"), sel(app="db", pod="b"),
+    LabelSelector(),
+    sel(pod="a"),
+    sel(app="web"),
+    sel(app="db", pod="b"),
     LabelSelector(match_expressions=(Requirement("app", Operator.EXISTS),)),
     LabelSelector(match_expressions=(Requirement("app", Operator.NOT_IN, ("web",)),)),
 )
-_NS_SELS = (LabelSelector(), sel(team="red"), sel(**{"kubernetes.io/metadata.name": "y"}),
-            LabelSelector(match_expressions=(Requirement("team", Operator.DOES_NOT_EXIST),)))
-small_labels = st.dictionaries(st.sampled_from(("pod", "app")),
-                               st.sampled_from(("a", "b", "web", "db")), max_size=2).map(Labels)
+_NS_SELS = (
+    LabelSelector(),
+    sel(team="red"),
+    sel(**{"kubernetes.io/metadata.name": "y"}),
+    LabelSelector(match_expressions=(Requirement("team", Operator.DOES_NOT_EXIST),)),
+)
+small_labels = st.dictionaries(
+    st.sampled_from(("pod", "app")), st.sampled_from(("a", "b", "web", "db")), max_size=2
+).map(Labels)
 simple_peers = st.one_of(
     st.sampled_from(_SELS).map(lambda s: Peer(pod_selector=s)),
     st.sampled_from(_NS_SELS).map(lambda s: Peer(namespace_selector=s)),
-    st.builds(lambda p, n: Peer(pod_selector=p, namespace_selector=n),
-              st.sampled_from(_SELS), st.sampled_from(_NS_SELS)),
+    st.builds(
+        lambda p, n: Peer(pod_selector=p, namespace_selector=n),
+        st.sampled_from(_SELS),
+        st.sampled_from(_NS_SELS),
+    ),
     sts.ip_blocks().map(lambda b: Peer(ip_block=b)),
 )
-simple_rules = st.builds(Rule, st.lists(simple_peers, max_size=2).map(tuple),
-                         st.lists(sts.policy_ports(), max_size=2).map(tuple))
+simple_rules = st.builds(
+    Rule,
+    st.lists(simple_peers, max_size=2).map(tuple),
+    st.lists(sts.policy_ports(), max_size=2).map(tuple),
+)
 simple_policies = st.builds(
-    NetworkPolicy, st.sampled_from(_NS), st.sampled_from(("p", "q", "r")), st.sampled_from(_SELS),
+    NetworkPolicy,
+    st.sampled_from(_NS),
+    st.sampled_from(("p", "q", "r")),
+    st.sampled_from(_SELS),
     st.sets(st.sampled_from(list(PolicyType)), min_size=1).map(frozenset),
-    st.lists(simple_rules, max_size=2).map(tuple), st.lists(simple_rules, max_size=2).map(tuple),
+    st.lists(simple_rules, max_size=2).map(tuple),
+    st.lists(simple_rules, max_size=2).map(tuple),
 )
 pods_st = st.builds(
-    lambda ns, name, lab, node, ip, hn, ports: Pod(ns, name, lab, node=node, ip=ip,
-                                                   host_network=hn, ports=ports),
-    st.sampled_from(_NS), st.sampled_from(("a", "b", "c", "d")), small_labels,
-    st.sampled_from((*_NODES, _NODES[0], None)), st.sampled_from((*_IPS, None)),
+    lambda ns, name, lab, node, ip, hn, ports: Pod(
+        ns, name, lab, node=node, ip=ip, host_network=hn, ports=ports
+    ),
+    st.sampled_from(_NS),
+    st.sampled_from(("a", "b", "c", "d")),
+    small_labels,
+    st.sampled_from((*_NODES, _NODES[0], None)),
+    st.sampled_from((*_IPS, None)),
     st.sampled_from((False, False, False, True)),
-    st.lists(st.builds(ContainerPort, st.sampled_from((80, 81, 53)), sts.protocols,
-                       st.sampled_from(sts.PORT_NAMES)), max_size=2).map(tuple),
+    st.lists(
+        st.builds(
+            ContainerPort,
+            st.sampled_from((80, 81, 53)),
+            sts.protocols,
+            st.sampled_from(sts.PORT_NAMES),
+        ),
+        max_size=2,
+    ).map(tuple),
 )
 namespaces_st = st.builds(
     lambda n, team: Namespace(n, Labels({"kubernetes.io/metadata.name": n, **team})),
-    st.sampled_from(_NS), st.sampled_from(({}, {"team": "red"}, {"team": "blue"})))
+    st.sampled_from(_NS),
+    st.sampled_from(({}, {"team": "red"}, {"team": "blue"})),
+)
 policies_st = st.one_of(
-    simple_policies, sts.network_policies(namespaces=_NS, names=st.sampled_from(("p", "q", "r"))))
+    simple_policies, sts.network_policies(namespaces=_NS, names=st.sampled_from(("p", "q", "r")))
+)
 
 Op = tuple[str, object]
 ops_st = st.lists(
@@ -789,8 +821,13 @@ def _incremental(c: Compiler, *objs: Namespace | Pod | NetworkPolicy) -> None:
             c.set_policy(o)
 
 
-TEAM = NetworkPolicy("x", "team", sel(pod="a"), ING,
-                     ingress=(Rule(peers=(Peer(namespace_selector=sel(team="red")),)),))
+TEAM = NetworkPolicy(
+    "x",
+    "team",
+    sel(pod="a"),
+    ING,
+    ingress=(Rule(peers=(Peer(namespace_selector=sel(team="red")),)),),
+)
 
 
 def _team_members(rs: Ruleset) -> frozenset[str]:
@@ -815,8 +852,15 @@ def test_namespace_label_changes_move_its_pods() -> None:
 
 
 def test_missing_namespace_has_its_metadata_name_label() -> None:
-    by_name = NetworkPolicy("x", "team", sel(pod="a"), ING, ingress=(Rule(peers=(
-        Peer(namespace_selector=sel(**{"kubernetes.io/metadata.name": "w"})),)),))
+    by_name = NetworkPolicy(
+        "x",
+        "team",
+        sel(pod="a"),
+        ING,
+        ingress=(
+            Rule(peers=(Peer(namespace_selector=sel(**{"kubernetes.io/metadata.name": "w"})),)),
+        ),
+    )
     orphan = pod("w", "a", "10.0.9.1", node="n2")
     rs = compile_ruleset(state(*BASE, orphan, by_name), NODE)
     assert _team_members(rs) == {"10.0.9.1"}
@@ -842,8 +886,9 @@ def test_policy_types_change_with_same_selection() -> None:
 
 def test_policy_rules_change_while_selected() -> None:
     c = Compiler(NODE)
-    p1 = NetworkPolicy("x", "p", sel(pod="a"), ING, ingress=(
-        Rule(peers=(Peer(pod_selector=sel(pod="b")),)),))
+    p1 = NetworkPolicy(
+        "x", "p", sel(pod="a"), ING, ingress=(Rule(peers=(Peer(pod_selector=sel(pod="b")),)),)
+    )
     p2 = replace(p1, ingress=(Rule(peers=(Peer(ip_block=IPBlock("10.5.0.0/16")),)),))
     _incremental(c, *BASE, p1)
     first = c.ruleset()
@@ -859,8 +904,9 @@ def test_policy_rules_change_while_selected() -> None:
 
 def test_local_pod_leaving_retires_policy_and_sets() -> None:
     c = Compiler(NODE)
-    p = NetworkPolicy("x", "p", sel(pod="a"), BOTH, egress=(
-        Rule(ports=(PolicyPort(Protocol.TCP, "http"),)),))
+    p = NetworkPolicy(
+        "x", "p", sel(pod="a"), BOTH, egress=(Rule(ports=(PolicyPort(Protocol.TCP, "http"),)),)
+    )
     _incremental(c, *BASE, p)
     assert pe("x/p") in c.ruleset().chains and len(policy_sets(c.ruleset())) == 1
     c.set_pod(pod("x", "a", "10.0.1.1", node="n2"))  # moved away (as a new incarnation would)
@@ -870,13 +916,19 @@ def test_local_pod_leaving_retires_policy_and_sets() -> None:
     c.set_pod(pod("x", "a", "10.0.1.7", app="web"))
     rs = c.ruleset()
     assert rules(rs, fw("x/a"))[0] == "! -s 10.0.1.7/32 -j DROP"
-    assert rs == compile_ruleset(state(*BASE[:2], pod("x", "a", "10.0.1.7", app="web"),
-                                       *BASE[3:], p), NODE)
+    assert rs == compile_ruleset(
+        state(*BASE[:2], pod("x", "a", "10.0.1.7", app="web"), *BASE[3:], p), NODE
+    )
 
 
 def test_duplicate_ips_are_refcounted() -> None:
-    p = NetworkPolicy("x", "p", sel(pod="a"), ING, ingress=(
-        Rule(peers=(Peer(namespace_selector=LabelSelector()),)),))
+    p = NetworkPolicy(
+        "x",
+        "p",
+        sel(pod="a"),
+        ING,
+        ingress=(Rule(peers=(Peer(namespace_selector=LabelSelector()),)),),
+    )
     old = pod("y", "old", "10.0.2.1", node="n2")  # terminating pod still holding y/a's IP
     c = Compiler(NODE)
     _incremental(c, *BASE, old, p)

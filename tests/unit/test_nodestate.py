@@ -34,12 +34,22 @@ def ns(name: str, **labels: str) -> dict[str, Any]:
     return {"metadata": {"name": name, "labels": labels}}
 
 
-def pod(namespace: str, name: str, *, node: str, ip: str | None, host_network: bool = False,
-        **labels: str) -> dict[str, Any]:
+def pod(
+    namespace: str,
+    name: str,
+    *,
+    node: str,
+    ip: str | None,
+    host_network: bool = False,
+    **labels: str,
+) -> dict[str, Any]:
     obj: dict[str, Any] = {
         "metadata": {"namespace": namespace, "name": name, "labels": labels},
-        "spec": {"nodeName": node, "hostNetwork": host_network,
-                 "containers": [{"name": "c", "ports": [{"containerPort": 80, "name": "http"}]}]},
+        "spec": {
+            "nodeName": node,
+            "hostNetwork": host_network,
+            "containers": [{"name": "c", "ports": [{"containerPort": 80, "name": "http"}]}],
+        },
         "status": {},
     }
     if ip:
@@ -47,26 +57,38 @@ def pod(namespace: str, name: str, *, node: str, ip: str | None, host_network: b
     return obj
 
 
-def deny_ingress(namespace: str, name: str, cidr: str = "10.0.0.0/8",
-                 **match: str) -> dict[str, Any]:
+def deny_ingress(
+    namespace: str, name: str, cidr: str = "10.0.0.0/8", **match: str
+) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {"namespace": namespace, "name": name},
-        "spec": {"podSelector": {"matchLabels": match}, "policyTypes": ["Ingress"],
-                 "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}]}]},
+        "spec": {
+            "podSelector": {"matchLabels": match},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}]}],
+        },
     }
 
 
-def node(name: str, ip: str, *, cidr: str | None = None, asn: int | None = None,
-         **labels: str) -> dict[str, Any]:
+def node(
+    name: str, ip: str, *, cidr: str | None = None, asn: int | None = None, **labels: str
+) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "labels": labels}
     if asn is not None:
         meta["annotations"] = {AS_NUMBER_ANNOTATION: str(asn)}
     spec = {"podCIDR": cidr} if cidr else {}
-    return {"metadata": meta, "spec": spec,
-            "status": {"addresses": [{"type": "Hostname", "address": name},
-                                     {"type": "InternalIP", "address": ip}]}}
+    return {
+        "metadata": meta,
+        "spec": spec,
+        "status": {
+            "addresses": [
+                {"type": "Hostname", "address": name},
+                {"type": "InternalIP", "address": ip},
+            ]
+        },
+    }
 
 
 def peer(name: str, ip: str, asn: int, **spec: Any) -> dict[str, Any]:
@@ -78,8 +100,10 @@ def bgpconfig(**spec: Any) -> dict[str, Any]:
 
 
 def secret(name: str, **data: str) -> dict[str, Any]:
-    return {"metadata": {"namespace": SECRET_NS, "name": name},
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+    return {
+        "metadata": {"namespace": SECRET_NS, "name": name},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
 
 
 class FakeEvents:
@@ -100,19 +124,27 @@ def feed(cache: Cache, state: NodeState) -> None:
 
 def test_parse_node_reads_ip_block_labels_and_asn() -> None:
     n = parse_node(node("n1", "192.168.0.1", cidr="10.244.1.0/24", asn=65001, rack="a"))
-    assert (n.name, n.internal_ip, n.pod_cidr, n.asn) == ("n1", "192.168.0.1",
-                                                        "10.244.1.0/24", 65001)
+    assert (n.name, n.internal_ip, n.pod_cidr, n.asn) == (
+        "n1",
+        "192.168.0.1",
+        "10.244.1.0/24",
+        65001,
+    )
     assert dict(n.labels) == {"rack": "a"}
 
 
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda o: o["metadata"].update(annotations={AS_NUMBER_ANNOTATION: "x1"}),
-         f"metadata.annotations[{AS_NUMBER_ANNOTATION}]"),
+        (
+            lambda o: o["metadata"].update(annotations={AS_NUMBER_ANNOTATION: "x1"}),
+            f"metadata.annotations[{AS_NUMBER_ANNOTATION}]",
+        ),
         (lambda o: o["spec"].update(podCIDR="10.1.1/33"), "spec.podCIDR"),
-        (lambda o: o["status"]["addresses"][1].update(address="nope"),
-         "status.addresses[1].address"),
+        (
+            lambda o: o["status"]["addresses"][1].update(address="nope"),
+            "status.addresses[1].address",
+        ),
     ],
 )
 def test_parse_node_errors_name_the_field(mutate: Any, field: str) -> None:
@@ -125,13 +157,22 @@ def test_parse_node_errors_name_the_field(mutate: Any, field: str) -> None:
 
 
 def test_parse_bgp_peer_full() -> None:
-    p = parse_bgp_peer(peer(
-        "tor", "192.168.0.254", 65000,
-        nodeSelector={"matchLabels": {"rack": "a"},
-                      "matchExpressions": [{"key": "role", "operator": "NotIn",
-                                            "values": ["edge"]}]},
-        passwordSecretRef={"name": "bgp", "key": "tor"}, multihop={}, holdTime=90,
-        gracefulRestartSeconds=120, maxPrefix=1000))
+    p = parse_bgp_peer(
+        peer(
+            "tor",
+            "192.168.0.254",
+            65000,
+            nodeSelector={
+                "matchLabels": {"rack": "a"},
+                "matchExpressions": [{"key": "role", "operator": "NotIn", "values": ["edge"]}],
+            },
+            passwordSecretRef={"name": "bgp", "key": "tor"},
+            multihop={},
+            holdTime=90,
+            gracefulRestartSeconds=120,
+            maxPrefix=1000,
+        )
+    )
     assert p.peer_ip == "192.168.0.254" and p.asn == 65000
     assert p.node_selector is not None and dict(p.node_selector.match_labels) == {"rack": "a"}
     assert p.password is not None and (p.password.name, p.password.key) == ("bgp", "tor")
@@ -145,11 +186,18 @@ def test_parse_bgp_peer_full() -> None:
         ({"peerIP": "1.2.3.4"}, "spec.asNumber"),
         ({"peerIP": "1.2.3.4", "asNumber": 0}, "spec.asNumber"),
         ({"peerIP": "1.2.3.4", "asNumber": 1, "holdTime": 2}, "spec.holdTime"),
-        ({"peerIP": "1.2.3.4", "asNumber": 1, "node": "n1", "nodeSelector": {}},
-         "spec.nodeSelector"),
-        ({"peerIP": "1.2.3.4", "asNumber": 1,
-          "nodeSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}},
-         "spec.nodeSelector.matchExpressions[0].values"),
+        (
+            {"peerIP": "1.2.3.4", "asNumber": 1, "node": "n1", "nodeSelector": {}},
+            "spec.nodeSelector",
+        ),
+        (
+            {
+                "peerIP": "1.2.3.4",
+                "asNumber": 1,
+                "nodeSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]},
+            },
+            "spec.nodeSelector.matchExpressions[0].values",
+        ),
         ({"peerIP": "1.2.3.4", "asNumber": 1, "multihop": {"ttl": 0}}, "spec.multihop.ttl"),
     ],
 )
@@ -163,10 +211,15 @@ def test_parse_bgp_peer_errors(spec: dict[str, Any], field: str) -> None:
 def test_parse_bgp_configuration_defaults() -> None:
     c = parse_bgp_configuration(bgpconfig())
     assert c.node_to_node_mesh is True and c.asn is None and not c.aggregate
-    c = parse_bgp_configuration(bgpconfig(asNumber=65010, nodeToNodeMesh=False,
-                                          podCIDRs=["10.244.0.1/16"], aggregate=True))
+    c = parse_bgp_configuration(
+        bgpconfig(asNumber=65010, nodeToNodeMesh=False, podCIDRs=["10.244.0.1/16"], aggregate=True)
+    )
     assert (c.asn, c.node_to_node_mesh, c.pod_cidrs, c.aggregate) == (
-        65010, False, ("10.244.0.0/16",), True)
+        65010,
+        False,
+        ("10.244.0.0/16",),
+        True,
+    )
 
 
 def test_parse_secret_decodes_and_hides_values() -> None:
@@ -222,8 +275,12 @@ def test_invalid_edit_keeps_last_good_and_posts_event(caplog: pytest.LogCaptureF
     assert "spec.ingress[0].from[0].ipBlock.cidr" in lines[0]
     assert len(events.warnings) == 1
     ref, reason, message = events.warnings[0]
-    assert (ref.kind, ref.namespace, ref.name, reason) == ("NetworkPolicy", "y", "allow",
-                                                          "InvalidNetworkPolicy")
+    assert (ref.kind, ref.namespace, ref.name, reason) == (
+        "NetworkPolicy",
+        "y",
+        "allow",
+        "InvalidNetworkPolicy",
+    )
     assert "previous valid version" in message
     assert key in cache.invalid()
     # Fixed: the new value is current and the object is no longer invalid.
@@ -251,8 +308,7 @@ def test_event_recorder_dedupes_and_survives_post_failures() -> None:
         posted.append((namespace, body))
 
     now = [0.0]
-    rec = EventRecorder(poster, host="n1", dedupe_window=60, max_per_minute=3,
-                        clock=lambda: now[0])
+    rec = EventRecorder(poster, host="n1", dedupe_window=60, max_per_minute=3, clock=lambda: now[0])
     ref = ObjectRef("BGPPeer", "felixlite.io/v1alpha1", None, "p")
     assert rec.warn(ref, reason="InvalidBGPPeer", message="m1")
     assert not rec.warn(ref, reason="InvalidBGPPeer", message="m1")  # duplicate
@@ -288,10 +344,20 @@ def cluster() -> list[tuple[Kind, dict[str, Any]]]:
         (Kind.NODE, node("n2", "192.168.0.2", cidr="10.244.2.0/24", asn=65002, rack="b")),
         (Kind.NODE, node("n3", "192.168.0.3", cidr="10.244.3.0/24", rack="b")),
         (Kind.BGP_CONFIGURATION, bgpconfig(asNumber=65100, podCIDRs=["10.244.0.0/16"])),
-        (Kind.BGP_PEER, peer("global", "192.168.0.254", 65000,
-                             passwordSecretRef={"name": "bgp", "key": "tor"})),
-        (Kind.BGP_PEER, peer("rack-a", "192.168.10.1", 65010,
-                             nodeSelector={"matchLabels": {"rack": "a"}}, multihop={"ttl": 3})),
+        (
+            Kind.BGP_PEER,
+            peer("global", "192.168.0.254", 65000, passwordSecretRef={"name": "bgp", "key": "tor"}),
+        ),
+        (
+            Kind.BGP_PEER,
+            peer(
+                "rack-a",
+                "192.168.10.1",
+                65010,
+                nodeSelector={"matchLabels": {"rack": "a"}},
+                multihop={"ttl": 3},
+            ),
+        ),
         (Kind.BGP_PEER, peer("only-n2", "192.168.20.1", 65020, node="n2")),
         (Kind.SECRET, secret("bgp", tor="md5pass")),
     ]
@@ -312,8 +378,7 @@ def test_node_desired_small_cluster() -> None:
     assert d.node == "n1" and d.generation == 1
     assert [p.key for p in d.local_pods] == ["x/a", "y/a"]
     bgp = d.bgp
-    assert (bgp.local_asn, bgp.router_id, bgp.node_block) == (65100, "192.168.0.1",
-                                                              "10.244.1.0/24")
+    assert (bgp.local_asn, bgp.router_id, bgp.node_block) == (65100, "192.168.0.1", "10.244.1.0/24")
     assert bgp.pod_cidrs == bgp.import_cidrs == bgp.export_cidrs == ("10.244.0.0/16",)
     by_addr = {p.address: p for p in bgp.peers}
     assert sorted(by_addr) == ["192.168.0.2", "192.168.0.254", "192.168.0.3", "192.168.10.1"]
@@ -325,8 +390,11 @@ def test_node_desired_small_cluster() -> None:
     assert by_addr["192.168.0.2"].source == "mesh/n2"
     assert "md5pass" not in repr(d.bgp)
     # The incremental compiler agrees with a from-scratch compile of the same objects.
-    api = {Kind.NAMESPACE: ("Namespace", "v1"), Kind.POD: ("Pod", "v1"),
-           Kind.NETWORK_POLICY: ("NetworkPolicy", "networking.k8s.io/v1")}
+    api = {
+        Kind.NAMESPACE: ("Namespace", "v1"),
+        Kind.POD: ("Pod", "v1"),
+        Kind.NETWORK_POLICY: ("NetworkPolicy", "networking.k8s.io/v1"),
+    }
     objs = [dict(o, kind=api[k][0], apiVersion=api[k][1]) for k, o in cluster() if k in api]
     state_, errors = build_cluster(objs)
     assert errors == []
@@ -337,8 +405,12 @@ def test_other_node_sees_its_own_peers() -> None:
     _, state = loaded("n2")
     bgp = state.desired().bgp
     assert bgp.local_asn == 65002
-    assert {p.address for p in bgp.peers} == {"192.168.0.1", "192.168.0.3", "192.168.0.254",
-                                             "192.168.20.1"}
+    assert {p.address for p in bgp.peers} == {
+        "192.168.0.1",
+        "192.168.0.3",
+        "192.168.0.254",
+        "192.168.20.1",
+    }
 
 
 def test_generation_moves_only_on_change() -> None:
@@ -387,8 +459,13 @@ def test_mesh_off_and_missing_secret(caplog: pytest.LogCaptureFixture) -> None:
 def test_secrets_of_other_namespaces_are_ignored() -> None:
     cache, state = loaded()
     g = state.desired().generation
-    cache.upsert(Kind.SECRET, {"metadata": {"namespace": "other", "name": "bgp"},
-                               "data": {"tor": base64.b64encode(b"x").decode()}})
+    cache.upsert(
+        Kind.SECRET,
+        {
+            "metadata": {"namespace": "other", "name": "bgp"},
+            "data": {"tor": base64.b64encode(b"x").decode()},
+        },
+    )
     feed(cache, state)
     assert state.desired().generation == g
 

@@ -197,8 +197,9 @@ def test_render_human_lists_sets_and_chains() -> None:
     st.frozensets(
         st.one_of(
             st.ip_addresses(v=4).map(str),
-            st.tuples(st.ip_addresses(v=4), st.sampled_from(["tcp:80", "udp:53", "81", "TCP:9"]))
-            .map(lambda t: f"{t[0]},{t[1]}"),
+            st.tuples(
+                st.ip_addresses(v=4), st.sampled_from(["tcp:80", "udp:53", "81", "TCP:9"])
+            ).map(lambda t: f"{t[0]},{t[1]}"),
             st.tuples(st.ip_addresses(v=4), st.integers(8, 32)).map(lambda t: f"{t[0]}/{t[1]}"),
             st.sampled_from(["010.0.0.1", "10.0.0.1/32", " 10.0.0.2"]),
         ),

@@ -1,4 +1,4 @@
-"""The code rules CI enforces: ruff everywhere, mypy --strict on policy/."""
+"""The code rules CI enforces: ruff lint and format everywhere, mypy --strict on policy/."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 def test_ruff_clean() -> None:
     r = _run("ruff", "check", "policy", "controller", "felix_lite", "tests", "bench")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_ruff_formatted() -> None:
+    r = _run("ruff", "format", "--check", "policy", "controller", "felix_lite", "tests", "bench")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
