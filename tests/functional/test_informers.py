@@ -286,10 +286,12 @@ def test_stop_is_prompt(api: client.ApiClient) -> None:
         assert cache.in_sync
     finally:
         t0 = time.monotonic()
-        group.stop(timeout=5)
+        group.stop(timeout=10)
         elapsed = time.monotonic() - t0
     assert not any(inf.alive for inf in group.informers)
-    assert elapsed < 1.0, f"stop took {elapsed:.2f}s"
+    # watches block for up to watch_timeout (30 s): stop must cut them short,
+    # not wait them out (a generous bound, not a speed target)
+    assert elapsed < 5.0, f"stop took {elapsed:.2f}s"
 
 
 def test_malformed_policy_logs_posts_event_and_keeps_last_good(
