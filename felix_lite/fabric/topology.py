@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import subprocess
 import time
@@ -53,6 +52,7 @@ from felix_lite.fabric.routers import (
 )
 from felix_lite.netlab.nsutil import MAX_NETNS_NAME, write_sysctls
 from felix_lite.netlab.probe import Endpoint
+from felix_lite.netlab.runtime import PluginFailed, network_config, run_plugin
 from felix_lite.netlab.servers import ServerProcess, ServeSpec
 from felix_lite.netlab.topology import Topology
 
@@ -435,38 +435,20 @@ class FabricLab:
     def _cni(
         self, node: FabricNode, command: str, pod_ns: str, cid: str, namespace: str, name: str
     ) -> dict[str, object]:
-        conf = {
-            "cniVersion": "1.0.0",
-            "name": CNI_NETWORK,
-            "type": "felix-lite",
-            "ipam": {"podCIDR": node.node_block, "dataDir": str(node.ipam_dir)},
-        }
-        env = dict(os.environ)
-        env.update(
-            {
-                "CNI_COMMAND": command,
-                "CNI_CONTAINERID": cid,
-                "CNI_NETNS": f"/var/run/netns/{pod_ns}",
-                "CNI_IFNAME": "eth0",
-                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}",
-                "CNI_PATH": "/usr/lib/cni",
-            }
-        )
-        r = subprocess.run(
-            ["ip", "netns", "exec", node.netns, *self._cni_argv],
-            input=json.dumps(conf),
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=30,
-            check=False,
-        )
-        if r.returncode != 0:
-            raise FabricError(
-                f"cni {command} {namespace}/{name} on {node.name}: rc={r.returncode} "
-                f"{r.stdout.strip()} {r.stderr.strip()[-400:]}"
+        conf = network_config(CNI_NETWORK, node.node_block, str(node.ipam_dir))
+        try:
+            return run_plugin(
+                self._cni_argv,
+                node.netns,
+                command,
+                conf,
+                container_id=cid,
+                pod_netns=pod_ns,
+                namespace=namespace,
+                name=name,
             )
-        return json.loads(r.stdout) if r.stdout.strip() else {}
+        except PluginFailed as e:
+            raise FabricError(f"cni {command} {namespace}/{name} on {node.name}: {e}") from e
 
     def add_pod(
         self, node: str, namespace: str, name: str, *, update_agent: bool = True

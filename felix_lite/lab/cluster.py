@@ -64,6 +64,7 @@ from felix_lite.lab.state import (
 )
 from felix_lite.netlab.nsutil import netns_exists, write_sysctls
 from felix_lite.netlab.probe import Endpoint, ProbeResult, probe_matrix
+from felix_lite.netlab.runtime import PluginFailed, network_config, run_plugin
 from felix_lite.rtproto import PROTO_BGP
 
 log = logging.getLogger(__name__)
@@ -782,39 +783,20 @@ class Lab:
         return min(self.state.nodes, key=lambda n: (load[n.name], n.index)).name
 
     def _cni(self, node: NodeRecord, command: str, pod: PodRecord) -> Obj:
-        conf = {
-            "cniVersion": "1.0.0",
-            "name": CNI_NETWORK,
-            "type": "felix-lite",
-            "ipam": {"podCIDR": node.pod_cidr, "dataDir": str(Path(node.workdir) / "ipam")},
-        }
-        env = dict(os.environ)
-        env.update(
-            {
-                "CNI_COMMAND": command,
-                "CNI_CONTAINERID": pod.container_id,
-                "CNI_NETNS": f"/var/run/netns/{pod.netns}",
-                "CNI_IFNAME": "eth0",
-                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};"
-                f"K8S_POD_NAME={pod.name}",
-                "CNI_PATH": "/usr/lib/cni",
-            }
-        )
-        r = subprocess.run(
-            ["ip", "netns", "exec", node.netns, "felix-lite-cni"],
-            input=json.dumps(conf),
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=30,
-            check=False,
-        )
-        if r.returncode != 0:
-            raise LabError(
-                f"pod {pod.key}: CNI {command} on {node.name} failed rc={r.returncode}: "
-                f"{r.stdout.strip()} {r.stderr.strip()[-300:]}"
+        conf = network_config(CNI_NETWORK, node.pod_cidr, str(Path(node.workdir) / "ipam"))
+        try:
+            return run_plugin(
+                ["felix-lite-cni"],
+                node.netns,
+                command,
+                conf,
+                container_id=pod.container_id,
+                pod_netns=pod.netns,
+                namespace=pod.namespace,
+                name=pod.name,
             )
-        return json.loads(r.stdout) if r.stdout.strip() else {}
+        except PluginFailed as e:
+            raise LabError(f"pod {pod.key}: CNI {command} on {node.name} failed {e}") from e
 
     def _realise_pod(self, obj: Obj, node_name: str) -> PodRecord:
         """Namespace + CNI ADD + server for one pod (the 'container runtime' half)."""
