@@ -65,40 +65,16 @@ def run(args: argparse.Namespace) -> int:
         _matrix("== TCP/81 after the policies", lab.probe(port=81))
         _say("\n== why: felix-lite policy explain --from y/a --to x/a --port 80")
         docs_dir = lab.policy.write_docs([*model_docs(model), *policies])
-        from felix_lite.cli import main as cli_main
-
-        cli_main(
-            [
-                "--log-level",
-                "WARNING",
-                "policy",
-                "explain",
-                "--from",
-                "y/a",
-                "--to",
-                "x/a",
-                "--port",
-                "80",
-                "-f",
-                str(docs_dir),
-            ]
-        )
-        cli_main(
-            [
-                "--log-level",
-                "WARNING",
-                "policy",
-                "explain",
-                "--from",
-                "z/c",
-                "--to",
-                "y/b",
-                "--port",
-                "80",
-                "-f",
-                str(docs_dir),
-            ]
-        )
+        for src, dst in (("y/a", "x/a"), ("z/c", "y/b")):
+            _explain(src, dst, docs_dir)
         _say("== tearing down")
     _say(f"== done in {time.monotonic() - t0:.1f}s; all namespaces removed")
     return 0
+
+
+def _explain(src: str, dst: str, docs_dir: Path) -> None:
+    """Through the CLI itself, so the demo shows exactly what a user would type."""
+    from felix_lite.cli import main as cli_main
+
+    argv = ["policy", "explain", "--from", src, "--to", dst, "--port", "80", "-f", str(docs_dir)]
+    cli_main(["--log-level", "WARNING", *argv])
