@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import select
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 
 from felix_lite.apiserver import Store, resource
 from felix_lite.netlab.nsutil import call_in_netns, delete_netns
+from felix_lite.procs import stop_procs
 
 LOCAL_NODE = "node-0"
 TIERS = ("web", "api", "db")
@@ -207,15 +207,7 @@ class Bench:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
+        stop_procs(self.procs, timeout=15)
         delete_netns([self.ns])
 
     def status(self) -> dict[str, Any] | None:

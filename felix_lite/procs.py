@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
+from collections.abc import Iterable
+from typing import Any
 
 
 def kill_pid(pid: int, *, timeout: float = 5.0) -> None:
@@ -31,3 +34,21 @@ def kill_pid(pid: int, *, timeout: float = 5.0) -> None:
         os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+
+
+def stop_procs(
+    procs: Iterable[subprocess.Popen[Any]], *, sig: int = signal.SIGTERM, timeout: float = 10.0
+) -> None:
+    """Signal every one still running before waiting on any, so they shut down
+    in parallel; SIGKILL whatever outlives `timeout`, and reap all."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=timeout)

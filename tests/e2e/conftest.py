@@ -25,6 +25,7 @@ import pytest
 from felix_lite.fabric.routers import router_available
 from felix_lite.fabric.topology import FabricLab, FabricSpec
 from felix_lite.netlab.probe import Endpoint, probe_one
+from felix_lite.procs import stop_procs
 
 NETNS_PREFIX = "flf"
 _seq = itertools.count(1)
@@ -103,10 +104,4 @@ def capture(netns: str, iface: str, bpf: str, out: Path) -> Iterator[Path]:
             time.sleep(0.05)
         yield out
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_procs([proc], sig=signal.SIGINT, timeout=5)

@@ -32,6 +32,7 @@ from kubernetes import client
 
 from controller.kube import api_client
 from felix_lite.netlab.nsutil import call_in_netns, delete_netns
+from felix_lite.procs import stop_procs
 from policy.compiler import pod_chain, policy_chain
 from policy.model import PolicyType, pod_key, policy_key
 
@@ -153,15 +154,7 @@ class AgentLab:
         return rc
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_procs(self.procs)
         if self._api is not None:
             self._api.close()
         delete_netns([self.ns])

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from felix_lite.bgp.config import BgpPeer, BgpSettings
 from felix_lite.bgp.messages import PeerState
 from felix_lite.bgp.process import ExabgpProcess, write_files
 from felix_lite.bgp.speaker import Speaker
+from felix_lite.procs import stop_procs
 
 pytestmark = [
     pytest.mark.kernel,
@@ -256,13 +256,8 @@ def fabric(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fabric]:
             p.stop()
         for s in speakers:
             s.stop()
-        if bird is not None and bird.poll() is None:
-            bird.send_signal(signal.SIGTERM)
-            try:
-                bird.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                bird.kill()
-                bird.wait()
+        if bird is not None:
+            stop_procs([bird])
         for ns in made:
             sh("ip", "netns", "del", ns, check=False)
 
