@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from felix_lite.procs import kill_pid
+from felix_lite.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -232,11 +232,7 @@ def _run(argv: list[str], *, timeout: float = 20.0, check: bool = True) -> str:
 
 
 def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise RouterError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+    wait_until(pred, timeout, what, error=RouterError)
 
 
 _PREFIX_RE = re.compile(r"^(\d+\.\d+\.\d+\.\d+/\d+)", re.M)

@@ -30,8 +30,7 @@ import json
 import logging
 import re
 import subprocess
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -55,6 +54,7 @@ from felix_lite.netlab.probe import Endpoint
 from felix_lite.netlab.runtime import PluginFailed, network_config, run_plugin
 from felix_lite.netlab.servers import ServerProcess, ServeSpec
 from felix_lite.netlab.topology import Topology
+from felix_lite.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -528,17 +528,6 @@ def kernel_routes(netns: str, *, proto: int | str | None = None) -> dict[str, st
             continue
         out[dst if "/" in dst else dst + "/32"] = route.get("gateway", "")
     return out
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str, *, step: float = 0.05) -> float:
-    """Seconds until pred() holds; AssertionError naming `what` on timeout."""
-    start = time.monotonic()
-    while True:
-        if pred():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(step)
 
 
 __all__ = [

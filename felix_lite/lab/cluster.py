@@ -66,6 +66,7 @@ from felix_lite.netlab.nsutil import netns_exists, write_sysctls
 from felix_lite.netlab.probe import Endpoint, ProbeResult, probe_matrix
 from felix_lite.netlab.runtime import PluginFailed, network_config, run_plugin
 from felix_lite.rtproto import PROTO_BGP
+from felix_lite.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -638,17 +639,18 @@ class Lab:
         step: float = 0.1,
         detail: Callable[[], str] | None = None,
     ) -> float:
+        """Seconds until pred() held; LabError (with the logs' place) on timeout."""
         t0 = time.monotonic()
-        while True:
-            self._check_alive()
-            if pred():
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout:
-                extra = f": {detail()}" if detail else ""
-                raise LabError(
-                    f"timed out after {timeout:.0f}s waiting for {what}{extra} (logs: {self.logs})"
-                )
-            time.sleep(step)
+        wait_until(
+            pred,
+            timeout,
+            what,
+            step=step,
+            error=lambda msg: LabError(f"{msg} (logs: {self.logs})"),
+            detail=detail,
+            check=self._check_alive,
+        )
+        return time.monotonic() - t0
 
     def _check_alive(self) -> None:
         dead = [

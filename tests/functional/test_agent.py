@@ -33,6 +33,7 @@ from kubernetes import client
 from controller.kube import api_client
 from felix_lite.netlab.nsutil import call_in_netns, delete_netns
 from felix_lite.procs import stop_procs
+from felix_lite.waiting import wait_until
 from policy.compiler import pod_chain, policy_chain
 from policy.model import PolicyType, pod_key, policy_key
 
@@ -46,14 +47,7 @@ _seq = itertools.count(1)
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
-        time.sleep(0.05)
+    return wait_until(pred, timeout, what or repr(pred))
 
 
 def _rv(obj: Any) -> int:

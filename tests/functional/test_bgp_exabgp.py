@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from felix_lite.bgp.messages import PeerState
 from felix_lite.bgp.process import ExabgpProcess, write_files
 from felix_lite.bgp.speaker import Speaker
 from felix_lite.procs import stop_procs
+from felix_lite.waiting import wait_until
 
 pytestmark = [
     pytest.mark.kernel,
@@ -74,16 +75,6 @@ def sh(*args: str, check: bool = True) -> str:
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: rc={r.returncode} {r.stderr.strip()}")
     return r.stdout
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    start = time.monotonic()
-    while True:
-        if pred():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from controller.kube import api_client
 from controller.nodestate import NodeState, converters
 from felix_lite.apiserver import ApiServer, resource, write_kubeconfig
 from felix_lite.apiserver.store import PatchType
+from felix_lite.waiting import wait_until
 from policy.model import NetworkPolicy
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.3, "watch_timeout": 30}
@@ -35,11 +36,7 @@ PODS = resource("pods")
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or pred}")
-        time.sleep(0.02)
+    wait_until(pred, timeout, what or repr(pred), step=0.02)
 
 
 class Recorder:

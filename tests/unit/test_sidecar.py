@@ -7,11 +7,13 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from felix_lite.fabric.sidecar import CONFIG_NAME, ENV_NAME, Supervisor
+from felix_lite.waiting import wait_until
 
 
 class FakeProc:
@@ -45,11 +47,8 @@ def _render(d: Path, text: str) -> None:
     (d / CONFIG_NAME).write_text(text)
 
 
-def _wait(pred: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
+def _wait(pred: Callable[[], object], timeout: float = 5.0) -> None:
+    wait_until(pred, timeout, "condition", step=0.01)
 
 
 def test_reload_on_change_restart_on_death_and_stop(tmp_path: Path) -> None:
